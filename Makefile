@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv and install
+# what they need; the stamp file re-installs when pyproject.toml changes.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-10)
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export MPLBACKEND := Agg
+# The machine's pip configuration points at local file indexes that print one warning per package.
+QUIET_PIP := { grep -v "^WARNING: Location 'file:" || true; }
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, timm, prefect, mlflow, dvc, onnxruntime"
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/strata benchmark --dataset digits --method simplecil --base 0 --increment 2 \
+	  --backbone tiny --out runs/demo/simplecil --quiet
+	$(VENV)/bin/strata benchmark --dataset digits --method finetune --base 0 --increment 2 \
+	  --backbone tiny --out runs/demo/finetune --quiet
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flows tasks models tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Entry points: what a user, the ``strata`` CLI or a schedule starts."""

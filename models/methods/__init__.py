@@ -1,0 +1,16 @@
+"""Class-incremental methods, registered by name (see :mod:`models.methods.registry`)."""
+
+from models.methods import finetune, simplecil  # noqa: F401  (registers the methods)
+from models.methods.base import Method, MethodConfig, StateError, read_state_meta
+from models.methods.registry import (
+    UnknownMethodError,
+    available_methods,
+    create_method,
+    method_config,
+    method_entry,
+)
+
+__all__ = [
+    "Method", "MethodConfig", "StateError", "UnknownMethodError", "available_methods", "create_method",
+    "method_config", "method_entry", "read_state_meta",
+]

@@ -1,0 +1,52 @@
+"""SimpleCIL: a training-free prototype classifier on the frozen pretrained backbone.
+
+For each task, the frozen ViT embeds the task's *training* images under the *test* transform;
+each class's prototype is the mean of its raw CLS features, and inference is σ·cos(f(x), prototype)
+over all seen classes (RevisitingCIL ``models/simplecil.py``). Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.engine import Engine, TrainConfig
+from models.heads import CosineClassifier, class_means
+from models.methods.base import Method, MethodConfig
+from models.methods.registry import register_method
+from models.streams import Task
+
+
+class SimpleCILConfig(MethodConfig):
+    train: TrainConfig = TrainConfig(epochs=0)  # training-free; the official JSON's epochs are unused
+    eval_batch_size: int = 128  # the official loaders' hard-coded batch
+
+
+class SimpleCIL(Method):
+    config_class = SimpleCILConfig
+
+    def __init__(self, name: str, config: SimpleCILConfig, backbone):
+        super().__init__(name, config, backbone)
+        self.head = CosineClassifier(backbone.embed_dim)
+
+    def prepare_task(self, index: int, num_new: int) -> None:
+        self.head.grow(num_new)
+
+    def fit_task(self, task: Task, engine: Engine) -> list[float]:
+        add_prototypes(self.head, self.features, task, self.test_transform(), engine, self.config.eval_batch_size)
+        return []
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+
+def add_prototypes(head: CosineClassifier, features, task: Task, transform, engine: Engine, batch_size: int) -> None:
+    """Embed the task's training images once (test transform, inference mode) and write class means."""
+    embedded, labels = engine.extract(features, task.train.with_transform(transform), batch_size)
+    head.set_prototypes(torch.tensor(task.class_ids), class_means(embedded, labels, task.class_ids))
+
+
+register_method("simplecil", SimpleCIL, SimpleCILConfig,
+                "prototype cosine classifier on the frozen backbone (training-free)")

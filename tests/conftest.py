@@ -1,0 +1,39 @@
+"""Shared fixtures. Offline by design: no hub downloads, no telemetry."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing checkpoint fails at once instead of retrying
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_factory():
+    """Build a fresh tiny backbone (random-init, fixed seed) per call."""
+    from models.backbones import build_backbone
+
+    return lambda name="tiny": build_backbone(name)
+
+
+@pytest.fixture(scope="session")
+def synthetic_stream():
+    """A 3-task stream of generated images (6 classes, 2 per task)."""
+    from models.streams import split_by_classes
+    from tasks.datasets import read_dataset
+
+    return split_by_classes(read_dataset("synthetic:6"), base=0, increment=2, order="natural")
+
+
+@pytest.fixture()
+def engine():
+    from models.engine import Engine
+
+    return Engine("cpu", seed=0, show_progress=False)

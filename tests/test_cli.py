@@ -1,0 +1,70 @@
+"""The `strata` CLI end to end on scikit-learn's digits with the tiny backbone."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("benchmark", "methods"):
+        assert command in result.output
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    results = {}
+    for method in ("simplecil", "finetune"):
+        result = runner.invoke(app, ["benchmark", "--dataset", "digits", "--method", method, "--base", "0",
+                                     "--increment", "2", "--backbone", "tiny", "--epochs", "3", "--quiet",
+                                     "--out", str(out / method)])
+        assert result.exit_code == 0, result.output
+        results[method] = (result.output, json.loads((out / method / "metrics.json").read_text()), out / method)
+    return results
+
+
+def test_benchmark_writes_metrics_and_plots(digits_runs):
+    output, metrics, folder = digits_runs["simplecil"]
+    assert "RANDOMLY INITIALISED" in output and "forgetting" in output
+    assert len(metrics["accuracy_matrix"]) == 5 and len(metrics["accuracy"]) == 5
+    assert metrics["backbone"]["random_init"] is True
+    assert len(metrics["confusion_matrix"]) == 10
+    for name in ("accuracy_curve.png", "accuracy_matrix.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetune_forgets_more_than_simplecil(digits_runs):
+    simplecil = digits_runs["simplecil"][1]["final_forgetting"]
+    finetune = digits_runs["finetune"][1]["final_forgetting"]
+    assert finetune > simplecil + 0.2, (finetune, simplecil)
+
+
+def test_unknown_method_lists_valid_ones(tmp_path):
+    result = runner.invoke(app, ["benchmark", "--method", "icarl", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown method 'icarl'" in result.output and "simplecil" in result.output
+
+
+def test_unknown_dataset_and_backbone(tmp_path):
+    result = runner.invoke(app, ["benchmark", "--dataset", "imagenet", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown dataset 'imagenet'" in result.output
+    result = runner.invoke(app, ["benchmark", "--backbone", "vit_huge_thing", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown backbone" in result.output
+
+
+def test_too_few_classes_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["benchmark", "--dataset", "synthetic:4", "--base", "3", "--increment", "2",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "needs at least 5 classes" in result.output
+
+
+def test_methods_command():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0 and "simplecil" in result.output
