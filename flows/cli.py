@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from flows.profiles import UnknownProfileError
 from models.backbones import TINY_BACKBONES, BackboneError
 from models.methods import StateError, UnknownMethodError, available_methods, method_entry
 from models.streams import StreamError
@@ -21,8 +22,8 @@ from tasks.settings import SettingsError
 app = typer.Typer(help="Strata: class-incremental learning on frozen pretrained ViTs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
-USER_ERRORS = (BackboneError, DatasetError, StreamError, UnknownMethodError, StateError, SettingsError,
-               ValidationError)
+USER_ERRORS = (UnknownProfileError, BackboneError, DatasetError, StreamError, UnknownMethodError, StateError,
+               SettingsError, ValidationError)
 
 
 def user_errors(command):
@@ -42,29 +43,37 @@ def user_errors(command):
 @app.command()
 @user_errors
 def benchmark(
-    method: Annotated[str, typer.Option(help="method name (see `strata methods`)")] = "simplecil",
-    dataset: Annotated[str, typer.Option(help="digits | cifar100:DIR | folder:DIR | synthetic[:N]")] = "digits",
-    base: Annotated[int, typer.Option(help="classes in the first task (0: one increment)")] = 0,
-    increment: Annotated[int, typer.Option(help="classes per task")] = 2,
-    backbone: Annotated[str, typer.Option(help="tiny (random-init) or a timm ViT name")] = "tiny",
+    method: Annotated[str | None, typer.Option(help="method name (see `strata methods`) [default: simplecil]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="digits | cifar100:DIR | folder:DIR | synthetic[:N]")] = None,
+    base: Annotated[int | None, typer.Option(help="classes in the first task (0: one increment)")] = None,
+    increment: Annotated[int | None, typer.Option(help="classes per task [default: 2]")] = None,
+    backbone: Annotated[str | None, typer.Option(help="tiny (random-init) or a timm ViT name")] = None,
     weights: Annotated[Path | None, typer.Option(help="local backbone weights (.safetensors/.pth/.npz)")] = None,
-    class_order: Annotated[str, typer.Option(help="seeded (np seed permutation) | natural")] = "seeded",
-    seed: Annotated[int, typer.Option(help="class-order and training seed")] = 1993,
+    class_order: Annotated[str | None, typer.Option(help="seeded (np seed permutation) | natural")] = None,
+    seed: Annotated[int | None, typer.Option(help="class-order and training seed [default: 1993]")] = None,
     epochs: Annotated[int | None, typer.Option(help="override the method's epochs per task")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available)")] = None,
-    config: Annotated[str | None, typer.Option(help='JSON of method-config overrides, e.g. {"train": {"batch_size": 16}}')] = None,
+    config: Annotated[str | None, typer.Option(help='config overrides as JSON: {"train": {"epochs": 2}}')] = None,
+    profile: Annotated[str | None, typer.Option(help="settings of an official run (see `strata profiles`)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for metrics.json and the plots")] = Path("runs/benchmark"),
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run one method over a class-incremental stream; print A_t, Ā and forgetting per task."""
     from flows.benchmark import BenchmarkParams, run_benchmark
+    from flows.profiles import profile_params
 
-    params = BenchmarkParams(method=method, dataset=dataset, base=base, increment=increment, backbone=backbone,
-                             weights=str(weights) if weights else None, class_order=class_order, seed=seed,
-                             epochs=epochs, device=device, out=out, overrides=_json_option(config))
-    if backbone in TINY_BACKBONES and weights is None:
-        console.print(f"[yellow]note:[/] backbone {backbone!r} is RANDOMLY INITIALISED (no pretrained weights): "
-                      "these numbers show the pipeline working, not what a pretrained ViT would reach.")
+    given = dict(method=method, dataset=dataset, base=base, increment=increment, backbone=backbone,
+                 weights=str(weights) if weights else None, class_order=class_order, seed=seed, epochs=epochs,
+                 device=device)
+    fields = profile_params(profile) if profile else {}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if config:
+        fields["overrides"] = {**fields.get("overrides", {}), **_json_option(config)}
+    params = BenchmarkParams(out=out, **fields)
+    if params.backbone in TINY_BACKBONES and params.weights is None:
+        console.print(f"[yellow]note:[/] backbone {params.backbone!r} is RANDOMLY INITIALISED (no pretrained "
+                      "weights): these numbers show the pipeline working, not what a pretrained ViT would reach.")
+    method, dataset, base, increment = params.method, params.dataset, params.base, params.increment
     table = Table(title=f"{method} on {dataset} B{base}-Inc{increment}")
     for column in ("task", "A_t", "Ā", "forgetting", "old", "new"):
         table.add_column(column, justify="right")
@@ -91,6 +100,19 @@ def methods() -> None:
     table.add_column("summary")
     for name in available_methods():
         table.add_row(name, method_entry(name).summary)
+    console.print(table)
+
+
+@app.command()
+def profiles() -> None:
+    """List the benchmark profiles that mirror the methods' official runs."""
+    from flows.profiles import PROFILES
+
+    table = Table(title="benchmark profiles (use with --profile NAME --dataset ... --weights ...)")
+    for column in ("name", "method", "protocol", "backbone", "description"):
+        table.add_column(column, no_wrap=column == "name")
+    for name, p in sorted(PROFILES.items()):
+        table.add_row(name, p["method"], f"B{p['base']}-Inc{p['increment']}", p["backbone"], p["description"])
     console.print(table)
 
 

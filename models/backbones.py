@@ -203,9 +203,9 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
     missing = sorted(set(expected) - set(state))
     wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
     if missing or wrong:
-        detail = "; ".join(
-            [f"missing {missing[:4]}" if missing else ""]
-            + [f"shape mismatch {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:4]]
-        ).strip("; ")
+        problems = [f"missing {missing[:4]}"] if missing else []
+        problems += [f"shape mismatch {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                     for k in wrong[:4]]
+        detail = "; ".join(problems)
         raise BackboneError(f"weights file {path} does not fit backbone {name!r}: {detail}")
     vit.load_state_dict({k: state[k] for k in expected})

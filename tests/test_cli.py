@@ -68,3 +68,17 @@ def test_too_few_classes_is_a_clear_error(tmp_path):
 def test_methods_command():
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0 and "simplecil" in result.output
+
+
+def test_profile_sets_protocol_and_cli_options_win(tmp_path):
+    from flows.profiles import profile_params
+
+    assert profile_params("simplecil-cifar100")["increment"] == 5
+    result = runner.invoke(app, ["benchmark", "--profile", "simplecil-cifar100", "--dataset", "synthetic:6",
+                                 "--backbone", "tiny", "--increment", "3", "--quiet", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["protocol"] == "B0-Inc3" and metrics["method"] == "simplecil"
+    result = runner.invoke(app, ["benchmark", "--profile", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown profile 'nope'" in result.output
+    assert "simplecil-cifar100" in runner.invoke(app, ["profiles"]).output

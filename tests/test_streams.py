@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from models.streams import LabelledDataset, LabelledImages, StreamError, class_order, split_by_classes, \
-    stream_from_batches, task_sizes
+from models.streams import (
+    LabelledDataset,
+    LabelledImages,
+    StreamError,
+    class_order,
+    split_by_classes,
+    stream_from_batches,
+    task_sizes,
+)
 from tasks.datasets import read_dataset
 
 
@@ -60,7 +67,7 @@ def test_same_seed_same_stream():
     a = split_by_classes(read_dataset("digits", seed=1), 0, 2, "seeded", 5)
     b = split_by_classes(read_dataset("digits", seed=1), 0, 2, "seeded", 5)
     assert a.class_names == b.class_names
-    assert all((x.train.labels == y.train.labels).all() for x, y in zip(a, b))
+    assert all((x.train.labels == y.train.labels).all() for x, y in zip(a, b, strict=True))
 
 
 def test_stream_from_batches_refuses_repeated_classes():
