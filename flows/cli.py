@@ -16,14 +16,26 @@ from flows.profiles import UnknownProfileError
 from models.backbones import TINY_BACKBONES, BackboneError
 from models.methods import StateError, UnknownMethodError, available_methods, method_entry
 from models.streams import StreamError
+from tasks.data import DataVersionError
 from tasks.datasets import DatasetError
+from tasks.ingest import IngestError
+from tasks.ledger import LedgerError
 from tasks.settings import SettingsError
+from tasks.validate import BatchRejectedError
+from tasks.versioning import VersioningError
 
 app = typer.Typer(help="Strata: class-incremental learning on frozen pretrained ViTs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
 USER_ERRORS = (UnknownProfileError, BackboneError, DatasetError, StreamError, UnknownMethodError, StateError,
-               SettingsError, ValidationError)
+               SettingsError, ValidationError, BatchRejectedError, IngestError, LedgerError, DataVersionError,
+               VersioningError)
+WorkspaceOption = Annotated[Path | None, typer.Option("--workspace", "-w", help="workspace root [default: the one "
+                                                      "containing the current directory]")]
+data_app = typer.Typer(help="Ingested data versions.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger's schema (alembic migrations).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(db_app, name="db")
 
 
 def user_errors(command):
@@ -114,6 +126,101 @@ def profiles() -> None:
     for name, p in sorted(PROFILES.items()):
         table.add_row(name, p["method"], f"B{p['base']}-Inc{p['increment']}", p["backbone"], p["description"])
     console.print(table)
+
+
+@app.command()
+@user_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="workspace folder (created if missing)")] = Path("."),
+    remote: Annotated[str | None, typer.Option(help="DVC remote URL [default: .strata/dvc-remote]")] = None,
+) -> None:
+    """Make DIR a workspace: git, DVC with a default remote, strata.toml, the ledger at head. Idempotent."""
+    from flows.data import init as init_workspace
+
+    changes = init_workspace(directory, remote)
+    for change in changes:
+        console.print(f"[green]✓[/] {change}")
+    if not changes:
+        console.print(f"{directory.resolve()} is already a Strata workspace; nothing changed.")
+
+
+@app.command()
+@user_errors
+def ingest(
+    source: Annotated[Path, typer.Argument(help="ImageFolder tree (class/*.jpg or train/ + test/) or .zip/.tar(.gz)")],
+    learner: Annotated[str, typer.Option(help="the learner this batch of new classes is for")],
+    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="test share when SRC has no split")] = 0.25,
+    seed: Annotated[int, typer.Option(help="seed of that train/test split")] = 0,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Validate a batch and record it as a DVC-versioned data version of LEARNER."""
+    from flows.data import ingest_batch
+
+    result = ingest_batch(source, learner, test_fraction, seed, workspace)
+    verb = "ingested" if result.created else "already ingested (nothing changed):"
+    console.print(f"{verb} {result.batch_id} for {result.learner}: {_class_counts(result.classes)} "
+                  f"md5 {result.md5} git {result.git_rev[:10]}", highlight=False)
+
+
+@data_app.command("list")
+@user_errors
+def data_list(learner: Annotated[str | None, typer.Option(help="only this learner's versions")] = None,
+              workspace: WorkspaceOption = None) -> None:
+    """The ingested data versions with their classes and counts."""
+    from flows.data import data_versions
+
+    table = Table(title="data versions")
+    for column in ("batch", "learner", "classes (train/test)", "git", "created"):
+        table.add_column(column, no_wrap=column != "classes (train/test)")
+    for v in data_versions(learner, workspace):
+        table.add_row(v["batch_id"], v["learner"], _class_counts(v["classes"]), v["git_rev"][:10], v["created"])
+    console.print(table)
+
+
+@data_app.command("show")
+@user_errors
+def data_show(batch: Annotated[str, typer.Argument(help="batch id (see `strata data list`)")],
+              workspace: WorkspaceOption = None) -> None:
+    """One data version in full, as JSON."""
+    from flows.data import data_versions
+
+    matches = [v for v in data_versions(None, workspace) if v["batch_id"] == batch]
+    if not matches:
+        raise IngestError(f"no data version {batch!r}; see `strata data list`")
+    console.print_json(json.dumps(matches[0]))
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head", workspace: WorkspaceOption = None) -> None:
+    """Migrate the ledger up to REVISION."""
+    from flows.data import db_upgrade as upgrade
+
+    console.print(f"ledger at revision {upgrade(revision, workspace)}")
+
+
+@db_app.command("downgrade")
+@user_errors
+def db_downgrade(revision: Annotated[str, typer.Argument()] = "-1", workspace: WorkspaceOption = None) -> None:
+    """Migrate the ledger down to REVISION (default: one step; `base` drops every table)."""
+    from flows.data import db_downgrade as downgrade
+
+    console.print(f"ledger at revision {downgrade(revision, workspace)}")
+
+
+@db_app.command("current")
+@user_errors
+def db_current(workspace: WorkspaceOption = None) -> None:
+    """The ledger's revision and the head revision."""
+    from flows.data import db_current as current
+
+    revision, head = current(workspace)
+    hint = "" if revision == head else " — run `strata db upgrade`"
+    console.print(f"ledger at revision {revision} (head {head}){hint}")
+
+
+def _class_counts(classes: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{name} {c['train']}/{c['test']}" for name, c in classes.items())
 
 
 def _json_option(text: str | None) -> dict:

@@ -1,6 +1,6 @@
 """Class-incremental methods, registered by name (see :mod:`models.methods.registry`)."""
 
-from models.methods import finetune, simplecil  # noqa: F401  (registers the methods)
+from models.methods import aper, finetune, lae, ovor, simplecil  # noqa: F401  (registers the methods)
 from models.methods.base import Method, MethodConfig, StateError, read_state_meta
 from models.methods.registry import (
     UnknownMethodError,

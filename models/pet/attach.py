@@ -9,7 +9,8 @@ serve several PET sets (LAE's online and offline experts, APER's PTM and adapted
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -51,3 +52,14 @@ class Attachment:
 def adapted_blocks(depth: int, wanted: list[int]) -> list[int]:
     """The requested block indices that exist in a ViT of ``depth`` blocks (clipped for tiny ViTs)."""
     return [b for b in wanted if 0 <= b < depth]
+
+
+@contextmanager
+def attached(attach: Callable[[Attachment], None]) -> Iterator[Attachment]:
+    """Run ``attach(attachment)`` for the duration of a ``with`` block, detaching afterwards."""
+    attachment = Attachment()
+    try:
+        attach(attachment)
+        yield attachment
+    finally:
+        attachment.detach()

@@ -1,0 +1,132 @@
+"""OVOR: OnePrompt with Virtual Outlier Regularization (ICLR 2024, jpmorganchase/ovor).
+
+One shared set of prefix prompts (never reset) and one linear head over all seen classes are
+trained on every task with CE, old-class logits masked to −∞ (rehearsal-free). The last
+``vor_epochs`` of each task train only the head on cached features of the task's training images
+(train transform) plus synthesised virtual outliers, adding the energy loss L_VOR, which tightens
+the current task's decision regions so its logits do not swamp old classes. ``oneprompt`` is the
+same method without VOR epochs. Inference is one prompted forward pass (no query pass).
+
+Epochs: ``train.epochs`` is the total K of the CODA-P cosine schedule (regular + VOR); the
+optimizer is re-created per task. Defaults are the official CIFAR-100 run (``--epochs 0 16 4``);
+the warm-up phase of the official code (0 epochs by default) is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from models.engine import Engine, OptimizerConfig, TrainConfig
+from models.heads import GrowingLinear
+from models.methods.base import Method, MethodConfig
+from models.methods.registry import register_method
+from models.ood import OutlierConfig, VORLossConfig, synthesize_outliers, vor_loss
+from models.pet.oneprompt import DEFAULT_LENGTHS, OnePrompt
+from models.streams import Task
+from models.transforms import TransformConfig
+
+OUTLIER_LABEL = -1  # marks outlier rows in a VOR batch
+
+
+def _train(epochs: int) -> TrainConfig:
+    """Adam 1e-3, batch 128, CODA-P cosine over all epochs (``learners/default.py``)."""
+    return TrainConfig(epochs=epochs, batch_size=128,
+                       optimizer=OptimizerConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                                                 schedule="coda_cosine"))
+
+
+class OVORConfig(MethodConfig):
+    # torchvision defaults (bilinear, RRC scale (0.08, 1)); CIFAR profiles set test_resize_ratio 1.0.
+    transforms: TransformConfig = TransformConfig(interpolation="bilinear", train_scale=(0.08, 1.0))
+    train: TrainConfig = _train(20)
+    vor_epochs: int = Field(4, ge=0, description="the last vor_epochs of train.epochs are VOR epochs")
+    prompt_lengths: dict[int, int] = DEFAULT_LENGTHS
+    outliers: OutlierConfig = OutlierConfig()
+    vor_loss: VORLossConfig = VORLossConfig()
+
+    @model_validator(mode="after")
+    def _vor_within_epochs(self) -> OVORConfig:
+        if self.vor_epochs > self.train.epochs:
+            raise ValueError(f"vor_epochs ({self.vor_epochs}) exceeds train.epochs ({self.train.epochs}), "
+                             f"which counts regular and VOR epochs together")
+        return self
+
+
+def mask_old_classes(logits: torch.Tensor, num_old: int) -> torch.Tensor:
+    """Old-class logits set to −∞: CE on the new task's data then never pushes old classes down."""
+    return logits.index_fill(1, torch.arange(num_old, device=logits.device), float("-inf"))
+
+
+class OVOR(Method):
+    config_class = OVORConfig
+
+    def __init__(self, name: str, config: OVORConfig, backbone):
+        super().__init__(name, config, backbone)
+        self.prompt = OnePrompt(backbone, config.prompt_lengths)
+        self.head = GrowingLinear(backbone.embed_dim)
+        self._fitting: tuple[Task, Engine] | None = None
+        self._vor_epoch = False
+
+    @property
+    def num_old(self) -> int:
+        return self.num_seen - self.task_sizes[-1]
+
+    def prepare_task(self, index: int, num_new: int) -> None:
+        self.head.grow(num_new)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.prompt.parameters(), *self.head.parameters()]
+
+    def is_vor_epoch(self, epoch: int) -> bool:
+        return epoch >= self.config.train.epochs - self.config.vor_epochs
+
+    def fit_task(self, task: Task, engine: Engine) -> list[float]:
+        self._fitting = (task, engine)
+        try:
+            return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
+        finally:
+            self._fitting, self._vor_epoch = None, False
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._vor_epoch = self.is_vor_epoch(epoch)
+
+    def epoch_batches(self, epoch: int, loader):
+        return self.vor_batches(epoch) if self._vor_epoch else loader
+
+    def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self._vor_epoch:
+            return F.cross_entropy(mask_old_classes(self(inputs), self.num_old), labels)
+        logits = self.head(inputs)  # cached features: only the head gets gradients
+        outlier = labels == OUTLIER_LABEL
+        ce = F.cross_entropy(mask_old_classes(logits[~outlier], self.num_old), labels[~outlier])
+        current = logits[:, self.num_old:]
+        return ce + vor_loss(current[~outlier], current[outlier], self.config.vor_loss)
+
+    def vor_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One VOR epoch: features of every training image (train transform, extracted once, no grad),
+        shuffled ID batches of ``batch_size`` zipped with unshuffled outlier batches of
+        ``n_ood // n_batches``; each batch is ID features then outliers labelled ``OUTLIER_LABEL``."""
+        task, engine = self._fitting
+        dataset = task.train.with_transform(self.train_transform())
+        features, labels = engine.extract(self.backbone, dataset, self.config.eval_batch_size)
+        features, labels = features.to(engine.device).clone(), labels.to(engine.device).clone()
+        generator = torch.Generator().manual_seed(engine.seed + 1000 * task.index + epoch)
+        outliers = synthesize_outliers(features, task.num_new, self.config.outliers, generator)
+        id_batches = torch.randperm(len(features), generator=generator).to(engine.device).split(
+            self.config.train.batch_size)
+        ood_batches = outliers.split(max(len(outliers) // len(id_batches), 1))
+        # zip stops at the shorter loader, as in the official code (the remainder outliers are unused).
+        return [(torch.cat([features[rows], ood]),
+                 torch.cat([labels[rows], labels.new_full((len(ood),), OUTLIER_LABEL)]))
+                for rows, ood in zip(id_batches, ood_batches, strict=False)]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixels))  # the prompts live in the backbone's attention
+
+
+register_method("ovor", OVOR, OVORConfig,
+                "OnePrompt + virtual outlier regularization: shared prefix prompts, one linear head, VOR epochs")
+register_method("oneprompt", OVOR, lambda: OVORConfig(train=_train(50), vor_epochs=0),
+                "OnePrompt without VOR: shared prefix prompts and one linear head, 50 epochs")

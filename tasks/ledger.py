@@ -1,0 +1,223 @@
+"""The ledger: what each learner has learned from which data, in SQL (SQLite embedded, PostgreSQL at scale).
+
+The schema is owned by the alembic migrations in ``migrations/``; this module's ORM metadata must
+agree with them (a test compares the two). Times are naive UTC so that SQLite and PostgreSQL
+compare them the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+
+
+class LedgerError(RuntimeError):
+    """The ledger refuses an operation; the message says what is in the way."""
+
+
+class LeaseHeldError(LedgerError):
+    """Another process holds the learner's lease: two increments of one learner never overlap."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Learner(Base):
+    """A model that learns class-incrementally; method and backbone are fixed when it first learns."""
+
+    __tablename__ = "learners"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    method: Mapped[str | None] = mapped_column(String(64))
+    method_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    backbone: Mapped[str | None] = mapped_column(String(256))
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    data_versions: Mapped[list[DataVersion]] = relationship(back_populates="learner", order_by="DataVersion.id")
+
+
+class DataVersion(Base):
+    """One ingested batch: immutable, addressed by its DVC md5 and the git rev of its ``.dvc`` file."""
+
+    __tablename__ = "data_versions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), unique=True)
+    learner_id: Mapped[int] = mapped_column(ForeignKey("learners.id"), index=True)
+    path: Mapped[str] = mapped_column(String(512))
+    classes: Mapped[dict[str, dict[str, int]]] = mapped_column(JSON)  # name -> {"train": n, "test": m}
+    split: Mapped[dict[str, Any]] = mapped_column(JSON)  # how train/test were formed (given or seeded)
+    md5: Mapped[str] = mapped_column(String(64))
+    hash_name: Mapped[str] = mapped_column(String(32))  # DVC 2 and 3 hash differently: keep the name
+    git_rev: Mapped[str] = mapped_column(String(64))
+    remote: Mapped[str] = mapped_column(String(1024))
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    learner: Mapped[Learner] = relationship(back_populates="data_versions")
+
+
+class Increment(Base):
+    """One task learned by a learner; a crashed one stays visible as ``failed`` and can be retried."""
+
+    __tablename__ = "increments"
+    __table_args__ = (UniqueConstraint("learner_id", "task_index", name="uq_increments_learner_task"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    learner_id: Mapped[int] = mapped_column(ForeignKey("learners.id"))
+    task_index: Mapped[int] = mapped_column(Integer)
+    data_version_id: Mapped[int] = mapped_column(ForeignKey("data_versions.id"))
+    status: Mapped[str] = mapped_column(String(16))  # running | failed | succeeded
+    checkpoint_uri: Mapped[str | None] = mapped_column(String(1024))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    started: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class LearnedClass(Base):
+    """A learner-global class id, its name, and the task that introduced it."""
+
+    __tablename__ = "classes"
+    __table_args__ = (UniqueConstraint("learner_id", "class_id", name="uq_classes_learner_class_id"),
+                      UniqueConstraint("learner_id", "name", name="uq_classes_learner_name"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    learner_id: Mapped[int] = mapped_column(ForeignKey("learners.id"))
+    class_id: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128))
+    first_task: Mapped[int] = mapped_column(Integer)
+
+
+class Lease(Base):
+    """The learner's lock: one row per learner, taken by insert, reclaimed once expired."""
+
+    __tablename__ = "leases"
+    learner_id: Mapped[int] = mapped_column(ForeignKey("learners.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets its folder, a busy timeout and enforced foreign keys."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+@contextmanager
+def ledger_session(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any error."""
+    with sessionmaker(engine, expire_on_commit=False)() as session, session.begin():
+        yield session
+
+
+def get_or_create_learner(session: Session, name: str) -> Learner:
+    learner = session.scalar(select(Learner).where(Learner.name == name))
+    if learner is None:
+        learner = Learner(name=name, method_config={})
+        session.add(learner)
+        session.flush()
+    return learner
+
+
+def find_learner(session: Session, name: str) -> Learner | None:
+    return session.scalar(select(Learner).where(Learner.name == name))
+
+
+def known_classes(session: Session, learner: Learner) -> set[str]:
+    """Classes the learner has learned or has pending in ingested data versions."""
+    learned = set(session.scalars(select(LearnedClass.name).where(LearnedClass.learner_id == learner.id)))
+    for version in learner.data_versions:
+        learned.update(version.classes)
+    return learned
+
+
+def find_data_version(session: Session, batch_id: str) -> DataVersion | None:
+    return session.scalar(select(DataVersion).where(DataVersion.batch_id == batch_id))
+
+
+def list_data_versions(session: Session, learner: str | None = None) -> list[DataVersion]:
+    query = select(DataVersion).join(Learner).order_by(DataVersion.id)
+    if learner is not None:
+        query = query.where(Learner.name == learner)
+    return list(session.scalars(query))
+
+
+def acquire_lease(engine: Engine, learner_id: int, holder: str, ttl: timedelta) -> datetime:
+    """Take the learner's lease for ``ttl`` or raise LeaseHeldError; returns its expiry.
+
+    Insert-or-reclaim in one statement each, so the database decides who wins on both SQLite and
+    PostgreSQL; a holder that crashed loses the lease when it expires. Re-acquiring by the same
+    holder extends it.
+    """
+    now = utcnow()
+    expires = now + ttl
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(Lease).values(learner_id=learner_id, holder=holder, expires_at=expires))
+        return expires
+    except IntegrityError:
+        pass
+    with engine.begin() as connection:
+        taken = connection.execute(
+            update(Lease).where(Lease.learner_id == learner_id, (Lease.expires_at < now) | (Lease.holder == holder))
+            .values(holder=holder, expires_at=expires)).rowcount
+        if taken == 1:
+            return expires
+        current = connection.execute(select(Lease.holder, Lease.expires_at).where(Lease.learner_id == learner_id)).one()
+    raise LeaseHeldError(f"learner {learner_id} is busy: {current.holder} holds its lease until "
+                         f"{current.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def release_lease(engine: Engine, learner_id: int, holder: str) -> bool:
+    """Give the lease back; False if this holder no longer had it (it expired and was reclaimed)."""
+    with engine.begin() as connection:
+        return connection.execute(delete(Lease).where(Lease.learner_id == learner_id,
+                                                      Lease.holder == holder)).rowcount == 1
+
+
+@contextmanager
+def learner_lease(engine: Engine, learner_id: int, holder: str, ttl: timedelta) -> Iterator[datetime]:
+    """Hold the learner's lease for the duration of the block."""
+    expires = acquire_lease(engine, learner_id, holder, ttl)
+    try:
+        yield expires
+    finally:
+        release_lease(engine, learner_id, holder)

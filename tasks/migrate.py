@@ -1,0 +1,62 @@
+"""Ledger schema migrations (alembic), configured in code: no alembic.ini to find or keep in sync.
+
+``strata db upgrade|downgrade|current`` call these; ``strata init`` upgrades a new workspace to head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from tasks.ledger import LedgerError, make_engine
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+VERSION_TABLE = "strata_alembic_version"  # MLflow and Prefect use alembic's default table
+
+
+def alembic_config(url: str, connection: Connection | None = None) -> Config:
+    """Alembic's config for the ledger at ``url`` (or an open ``connection``, as tests use)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("file_template", "%%(year)d_%%(month).2d_%%(day).2d_%%(rev)s_%%(slug)s")
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "-1") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the ledger at ``url`` is at; None for an empty (never migrated) database."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def migrated_engine(url: str) -> Engine:
+    """An engine for the ledger at ``url``, refusing a database that is not at the head revision."""
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise LedgerError(f"the ledger at {url} is at revision {current}, not {head}: "
+                          f"run `strata init` or `strata db upgrade`")
+    return make_engine(url)
