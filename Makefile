@@ -24,10 +24,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/strata benchmark --dataset digits --method simplecil --base 0 --increment 2 \
-	  --backbone tiny --out runs/demo/simplecil --quiet
-	$(VENV)/bin/strata benchmark --dataset digits --method finetune --base 0 --increment 2 \
-	  --backbone tiny --out runs/demo/finetune --quiet
+	$(VENV)/bin/strata demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.backbones import build_backbone
-from models.engine import Engine
+from models.engine import Engine, seed_everything
 from models.evaluation import evaluate
 from models.methods import create_method, method_config
 from models.metrics import accuracy_matrix, confusion_matrix, summarize
@@ -52,7 +50,7 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
     Returns the metrics written to ``out/metrics.json``. ``on_task(t, summary_so_far)`` is called
     after each task (the CLI prints a table row from it).
     """
-    _seed_everything(params.seed)
+    seed_everything(params.seed)
     overrides = dict(params.overrides)
     if params.epochs is not None:
         overrides.setdefault("train", {})["epochs"] = params.epochs
@@ -95,8 +93,3 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
 def _sizes(stream, last: int) -> np.ndarray:
     return np.array([len(t.test) for t in stream.tasks[: last + 1]])
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

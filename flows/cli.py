@@ -12,14 +12,18 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from flows.demo import DemoError
 from flows.profiles import UnknownProfileError
 from models.backbones import TINY_BACKBONES, BackboneError
 from models.methods import StateError, UnknownMethodError, available_methods, method_entry
 from models.streams import StreamError
 from tasks.data import DataVersionError
 from tasks.datasets import DatasetError
+from tasks.increments import LearnerConfigError
 from tasks.ingest import IngestError
-from tasks.ledger import LedgerError
+from tasks.ledger import LeaseHeldError, LedgerError
+from tasks.model_source import ModelSourceError
+from tasks.serving import ServeError
 from tasks.settings import SettingsError
 from tasks.validate import BatchRejectedError
 from tasks.versioning import VersioningError
@@ -29,7 +33,7 @@ app = typer.Typer(help="Strata: class-incremental learning on frozen pretrained 
 console = Console()
 USER_ERRORS = (UnknownProfileError, BackboneError, DatasetError, StreamError, UnknownMethodError, StateError,
                SettingsError, ValidationError, BatchRejectedError, IngestError, LedgerError, DataVersionError,
-               VersioningError)
+               VersioningError, ServeError, ModelSourceError, LearnerConfigError, LeaseHeldError, DemoError)
 WorkspaceOption = Annotated[Path | None, typer.Option("--workspace", "-w", help="workspace root [default: the one "
                                                       "containing the current directory]")]
 data_app = typer.Typer(help="Ingested data versions.", no_args_is_help=True)
@@ -190,6 +194,29 @@ def data_show(batch: Annotated[str, typer.Argument(help="batch id (see `strata d
     console.print_json(json.dumps(matches[0]))
 
 
+@app.command()
+@user_errors
+def serve(
+    model_dir: Annotated[Path, typer.Option(help="export directory (or a symlink to one) with model.onnx, "
+                                            "labels.json, model.json; reloaded when it changes")],
+    host: Annotated[str, typer.Option(help="bind address; other than loopback needs STRATA_SERVE_API_KEY")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often to look for a new model version")] = 2.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="most images run together in one session.run")] = 32,
+) -> None:
+    """Serve an exported model over HTTP: POST /predict (images or a JSON tensor), GET /model, GET /health.
+
+    Set STRATA_SERVE_API_KEY to require it from clients in the X-API-Key header.
+    """
+    from flows.serve import serve as run_server
+    from tasks.model_source import ExportDirSource
+    from tasks.serving import ServeConfig
+
+    config = ServeConfig(poll_seconds=poll_seconds, max_batch=max_batch, max_images=max_batch)
+    run_server(ExportDirSource(model_dir), host, port, config)
+
+
 @db_app.command("upgrade")
 @user_errors
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head", workspace: WorkspaceOption = None) -> None:
@@ -217,6 +244,108 @@ def db_current(workspace: WorkspaceOption = None) -> None:
     revision, head = current(workspace)
     hint = "" if revision == head else " — run `strata db upgrade`"
     console.print(f"ledger at revision {revision} (head {head}){hint}")
+
+
+@app.command()
+@user_errors
+def learn(
+    learner: Annotated[str, typer.Option(help="learner name (created on first use)")],
+    method: Annotated[str | None, typer.Option(help="method on first learn [default: simplecil]")] = None,
+    backbone: Annotated[str | None, typer.Option(help="backbone on first learn [default: tiny]")] = None,
+    weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
+    config: Annotated[str | None, typer.Option(help="method-config overrides as JSON (first learn)")] = None,
+    budget: Annotated[float, typer.Option(help="allowed drop on the champion's classes (0.05 = 5 points)")] = 0.05,
+    floor: Annotated[float, typer.Option(help="minimum A_t for a champion")] = 0.0,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda … [default: cuda if available]")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Learn every data version the learner has not learned yet (one increment each)."""
+    from flows.learn import LearnParams
+    from flows.learn import learn as learn_flow
+    from tasks.registry import GateConfig
+
+    result = learn_flow(LearnParams(
+        learner=learner, method=method, backbone=backbone, weights=str(weights) if weights else None,
+        config=_json_option(config), gate=GateConfig(old_accuracy_budget=budget, accuracy_floor=floor), seed=seed,
+        device=device, workspace=str(workspace) if workspace else None))
+    if not result["learned"]:
+        console.print(f"learner {learner!r} has nothing new to learn ({result['tasks']} tasks learned)")
+    for item in result["learned"]:
+        verdict = "promoted to champion" if item["promoted"] else "not promoted"
+        console.print(f"learned {item['batch_id']}: A_t {_pct(item['accuracy'])}, {verdict}")
+
+
+@app.command()
+@user_errors
+def status(learner: Annotated[str | None, typer.Option(help="only this learner")] = None,
+           workspace: WorkspaceOption = None) -> None:
+    """Learners, their increments (A_t, Ā, version), classes and champion."""
+    from flows.manage import status as learner_status
+
+    for item in learner_status(learner, workspace):
+        console.print(_increments_table(item))
+
+
+@app.command()
+@user_errors
+def promote(learner: Annotated[str, typer.Option(help="learner name")],
+            version: Annotated[str, typer.Option(help="registered model version to make champion")],
+            workspace: WorkspaceOption = None) -> None:
+    """Move the learner's champion alias to VERSION by hand (recorded in the ledger)."""
+    from flows.manage import promote as promote_version
+
+    previous = promote_version(learner, version, workspace)
+    console.print(f"champion of {learner}: v{previous} → v{version}")
+
+
+@app.command()
+@user_errors
+def rollback(learner: Annotated[str, typer.Option(help="learner name")], workspace: WorkspaceOption = None) -> None:
+    """Move the champion back to the version it pointed at before its last move."""
+    from flows.manage import rollback as rollback_champion
+
+    console.print(f"champion of {learner} rolled back to v{rollback_champion(learner, workspace)}")
+
+
+@app.command()
+@user_errors
+def demo(method: Annotated[str, typer.Option(help="method the digits learner uses")] = "simplecil",
+         directory: Annotated[Path | None, typer.Option("--dir", help="fresh workspace folder [default: a new "
+                                                        "temporary folder]")] = None) -> None:
+    """Ingest and learn scikit-learn's digits in 5 batches, end to end, offline."""
+    from rich.progress import Progress
+
+    from flows.demo import run_demo
+
+    console.print("[yellow]note:[/] the demo uses the [bold]tiny RANDOMLY INITIALISED[/] ViT: it shows the platform "
+                  "working, not what a pretrained backbone reaches (pass real weights to `strata learn` for that).")
+    with Progress(console=console) as progress:
+        bar = progress.add_task("ingest + learn", total=5)
+
+        def advance(index: int, total: int, name: str) -> None:
+            progress.update(bar, completed=index, total=total, description=f"ingest + learn {name}")
+
+        result = run_demo(directory, method, advance)
+        progress.update(bar, completed=5)
+    item, settings = result["status"], result["settings"]
+    console.print(_increments_table(item))
+    console.print(f"champion: v{item['champion']} · workspace {result['workspace']} · {result['seconds']:.0f} s")
+    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
+                  f"--default-artifact-root {settings.mlflow_artifacts} --host 127.0.0.1")
+    console.print("Prefect UI: prefect server start --host 127.0.0.1   (then open http://127.0.0.1:4200)")
+
+
+def _increments_table(item: dict) -> Table:
+    table = Table(title=f"{item['learner']} ({item['method']} on {item['backbone']}) · champion v{item['champion']}")
+    for column in ("task", "status", "version", "A_t", "Ā", "promoted"):
+        table.add_column(column, justify="right")
+    for inc in item["increments"]:
+        table.add_row(str(inc["task"]), inc["status"], str(inc["version"] or "–"),
+                      _pct(inc["accuracy"]) if inc["accuracy"] is not None else "–",
+                      _pct(inc["average_incremental_accuracy"]) if inc["average_incremental_accuracy"] is not None
+                      else "–", {True: "yes", False: "no"}.get(inc["promoted"], "–"))
+    return table
 
 
 def _class_counts(classes: dict[str, dict[str, int]]) -> str:

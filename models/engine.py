@@ -10,11 +10,13 @@ autocast on GPU and progress reporting.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -101,6 +103,13 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so head initialisations and data order repeat."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def default_device() -> torch.device:

@@ -114,6 +114,19 @@ class LearnedClass(Base):
     first_task: Mapped[int] = mapped_column(Integer)
 
 
+class Promotion(Base):
+    """Every move of the ``champion`` alias, by the gate or by hand (promote/rollback)."""
+
+    __tablename__ = "promotions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    learner_id: Mapped[int] = mapped_column(ForeignKey("learners.id"), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(16))  # gate | promote | rollback
+    reason: Mapped[str] = mapped_column(String(1024))
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Lease(Base):
     """The learner's lock: one row per learner, taken by insert, reclaimed once expired."""
 

@@ -74,7 +74,10 @@ def export_method(method: Method, out: str | Path, opset: int = 18, fp16: bool =
         "backbone": asdict(method.backbone.info),
         "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", *preprocess_hw, 3]} if preprocess_hw
         else {"dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, size, size], "range": [0, 1]},
-        "output": {"name": "logits", "classes": method.num_seen},
+        "output": {"name": "logits", "classes": method.num_seen,
+                   "kind": "probabilities" if method.outputs_probabilities else "logits"},
+        "image_size": size,
+        "transforms": method.config.transforms.model_dump(mode="json"),
         "opset": opset,
         "precision": "fp16" if fp16 else "fp32",
         "parity": asdict(parity),

@@ -37,3 +37,28 @@ def engine():
     from models.engine import Engine
 
     return Engine("cpu", seed=0, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (temporary SQLite database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digit_batches(tmp_path_factory):
+    """scikit-learn's digits as 5 image-folder batches of 2 classes (written once per session)."""
+    from tasks.demo_data import write_digit_batches
+
+    return write_digit_batches(tmp_path_factory.mktemp("incoming"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -50,6 +50,8 @@ class Method(nn.Module, TrainingHooks):
     """Base class: bookkeeping of tasks and classes, state files, transforms."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # forward() already returns probabilities (LAE's max of softmaxes): consumers must not softmax again
+    outputs_probabilities: ClassVar[bool] = False
 
     def __init__(self, name: str, config: MethodConfig, backbone: Backbone):
         super().__init__()

@@ -52,6 +52,7 @@ class LAEConfig(MethodConfig):
 
 class LAE(Method):
     config_class = LAEConfig
+    outputs_probabilities = True
 
     def __init__(self, name: str, config: LAEConfig, backbone):
         super().__init__(name, config, backbone)

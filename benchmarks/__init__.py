@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints one JSON document and measures its own baseline in the same run."""

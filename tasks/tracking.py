@@ -1,0 +1,111 @@
+"""MLflow tracking for learners: one parent run per ``learn``, one child run per increment, one
+registered model version per increment (``strata-<learner>``).
+
+The store comes from settings: the workspace's SQLite database by default (artifacts under
+``.strata/mlartifacts``), or any tracking server (``http://…`` in front of PostgreSQL and S3).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.models import infer_signature
+
+from tasks.settings import StrataSettings
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+STEP_METRICS = ("accuracy", "task_averaged_accuracy", "forgetting", "backward_transfer", "old_accuracy",
+                "new_accuracy")
+
+
+def model_name(learner: str) -> str:
+    return f"strata-{learner}"
+
+
+def configure(settings: StrataSettings) -> MlflowClient:
+    """Point MLflow (tracking and registry) at the workspace's store."""
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+
+
+def experiment_id(client: MlflowClient, settings: StrataSettings, learner: str) -> str:
+    name = f"strata/{learner}"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local_store = not settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
+    location = Path(settings.mlflow_artifacts).resolve().as_uri() if local_store else None
+    return client.create_experiment(name, artifact_location=location, tags={"strata.learner": learner})
+
+
+@contextmanager
+def learn_run(client: MlflowClient, settings: StrataSettings, learner: str, tags: dict[str, str]) -> Iterator[str]:
+    """The parent run of one ``learn`` invocation; yields its run id."""
+    with mlflow.start_run(experiment_id=experiment_id(client, settings, learner), run_name=f"learn {learner}",
+                          tags={"strata.learner": learner, **tags}) as run:
+        yield run.info.run_id
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested config → ``a.b.c`` params (MLflow params are flat strings)."""
+    if isinstance(value, dict):
+        items: dict[str, Any] = {}
+        for key, inner in value.items():
+            items.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return items
+    return {prefix: value}
+
+
+def log_increment(task_index: int, params: dict[str, Any], summary: dict[str, Any], losses: list[float],
+                  tags: dict[str, str], data: dict[str, str], files: list[Path], state_dir: Path) -> str:
+    """Log one increment into the active child run; returns nothing but what MLflow stored."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten("", params).items()})
+    mlflow.set_tags(tags)
+    step_values = {}
+    for name in STEP_METRICS:
+        value = summary[name][task_index]
+        if value is not None:
+            step_values[name] = value
+    step_values["average_incremental_accuracy"] = summary["average_incremental_accuracy"]
+    mlflow.log_metrics(step_values, step=task_index)
+    for epoch, loss in enumerate(losses):
+        mlflow.log_metric("train_loss", loss, step=epoch)
+    with warnings.catch_warnings():  # two registered local sources match a path; both are the same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data["uri"])
+    mlflow.log_input(MetaDataset(source, name=data["name"], digest=data["md5"][:36]), context="training",
+                     tags={"git_rev": data["git_rev"], "dvc_md5": data["md5"]})
+    for path in files:
+        mlflow.log_artifact(str(path))
+    mlflow.log_artifacts(str(state_dir), artifact_path="state")
+    return mlflow.active_run().info.run_id
+
+
+def log_parent_metrics(client: MlflowClient, parent_run_id: str, task_index: int, summary: dict[str, Any]) -> None:
+    """The parent run carries the learner's curve across all increments of this invocation."""
+    for key in ("accuracy", "average_incremental_accuracy"):
+        value = summary[key][task_index] if key == "accuracy" else summary[key]
+        client.log_metric(parent_run_id, key, value, step=task_index)
+
+
+def log_and_register(learner: str, state_dir: Path, example: np.ndarray, class_names: list[str],
+                     weights: str | None, tags: dict[str, str]) -> str:
+    """Log the pyfunc (models from code, signature + input example) and register it; returns the version."""
+    signature = infer_signature(example, np.array(class_names[:1] * len(example)))
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts={"state": str(state_dir)},
+                                   signature=signature, input_example=example,
+                                   model_config={"weights": weights} if weights else None,
+                                   pip_requirements=["strata"])
+    version = mlflow.register_model(info.model_uri, model_name(learner), tags=tags)
+    return str(version.version)
+

@@ -1,0 +1,51 @@
+"""The benchmark scripts run with tiny settings and print one JSON document with the expected keys.
+
+No timing is asserted: figures depend on the machine and its load.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import cost_growth, feature_reuse, inference_throughput, train_throughput
+
+RUNS = {
+    "train_throughput": (train_throughput, ["--methods", "simplecil", "lae_prefix", "--batch-size", "4",
+                                            "--steps", "1", "--epochs", "1"]),
+    "inference_throughput": (inference_throughput, ["--methods", "lae_adapter", "--batch-size", "2",
+                                                    "--repeats", "1"]),
+    "cost_growth": (cost_growth, ["--methods", "simplecil", "ovor", "--tasks", "2", "--images-per-task", "8",
+                                  "--batch-size", "4", "--repeats", "1"]),
+    "feature_reuse": (feature_reuse, ["--images", "8", "--methods", "simplecil", "aper_adapter"]),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_script_prints_json_with_baseline_and_ratios(name, capsys, monkeypatch):
+    monkeypatch.delenv("STRATA_OFFICIAL_LAE", raising=False)
+    module, argv = RUNS[name]
+    module.main(argv)
+    document = json.loads(capsys.readouterr().out)
+    assert document["benchmark"] == name
+    assert document["machine"]["cpu_count"] >= 1
+    methods = document["methods"]
+    if name == "train_throughput":
+        assert document["baseline"]["images_per_s"] > 0
+        assert set(methods["lae_prefix"]) == {"task_0", "task_t"}
+        assert methods["lae_prefix"]["task_t"]["kind"] == "train"
+        assert methods["simplecil"]["task_0"]["kind"] == "prototypes"
+        assert "vs_baseline" in methods["lae_prefix"]["task_0"]
+        assert document["official"]["lae"]["status"] == "skipped"
+    elif name == "inference_throughput":
+        figures = methods["lae_adapter"]["batch_1"]
+        assert {"torch_images_per_s", "onnxruntime_images_per_s", "ort_vs_torch_latency",
+                "torch_vs_simplecil"} <= set(figures)
+        assert methods["simplecil"]["batch_2"]["torch_vs_simplecil"] == 1.0
+    elif name == "cost_growth":
+        assert [row["task"] for row in methods["ovor"]["tasks"]] == [1, 2]
+        assert methods["simplecil"]["tasks"][1]["state_bytes"] > methods["simplecil"]["tasks"][0]["state_bytes"]
+        assert {"last_vs_first", "last_vs_second"} == set(methods["ovor"]["train_s"])
+    else:
+        assert document["baseline"]["forwards"] == 8
+        assert methods["simplecil"]["first_run_forwards"] == 8
+        assert methods["aper_adapter"]["first_run_forwards"] == 16  # two branches

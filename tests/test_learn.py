@@ -1,0 +1,260 @@
+"""The learning loop end to end: Prefect flows, a real MLflow store, a git+DVC workspace, the ledger."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from flows.learn import LearnParams, learn
+from flows.manage import promote, rollback, status
+from models.methods.base import Method
+from tasks import increments as increments_module
+from tasks.ingest import ingest
+from tasks.ledger import LeaseHeldError, acquire_lease, find_learner, ledger_session
+from tasks.migrate import migrated_engine
+from tasks.registry import GateConfig
+from tasks.settings import load_settings
+from tasks.workspace import init_workspace
+
+LENIENT = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
+
+
+def _workspace(tmp_path, batches):
+    init_workspace(tmp_path / "ws")
+    settings = load_settings(tmp_path / "ws")
+    for batch in batches:
+        ingest(settings, batch, "digits")
+    return settings
+
+
+def _learn(settings, **params):
+    return learn(LearnParams(learner="digits", workspace=str(settings.workspace), show_progress=False, **params))
+
+
+def _client(settings):
+    return MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+
+
+def _versions(settings):
+    return sorted(int(v.version) for v in _client(settings).search_model_versions("name = 'strata-digits'"))
+
+
+def _ledger(settings):
+    engine = migrated_engine(settings.ledger_url)
+    with ledger_session(engine) as session:
+        learner = find_learner(session, "digits")
+        rows = [(i.task_index, i.status, i.model_version) for i in increments_module.increments(session, learner)]
+        classes = sorted((c.class_id, c.name, c.first_task) for c in session.scalars(
+            __import__("sqlalchemy").select(increments_module.LearnedClass)))
+    engine.dispose()
+    return rows, classes
+
+
+def test_three_batches_become_three_tracked_registered_increments(tmp_path, prefect_server, digit_batches):
+    settings = _workspace(tmp_path, digit_batches[:3])
+    result = _learn(settings, gate=LENIENT)
+    assert [item["promoted"] for item in result["learned"]] == [True, True, True]
+
+    rows, classes = _ledger(settings)
+    assert rows == [(0, "succeeded", "1"), (1, "succeeded", "2"), (2, "succeeded", "3")]
+    assert classes == [(0, "0", 0), (1, "1", 0), (2, "2", 1), (3, "3", 1), (4, "4", 2), (5, "5", 2)]
+
+    client = _client(settings)
+    experiment = client.get_experiment_by_name("strata/digits")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    history = client.get_metric_history(parents[0].info.run_id, "accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    child = min(children, key=lambda r: r.data.tags["strata.task_index"])
+    assert child.data.params["method"] == "simplecil" and child.data.params["backbone"] == "tiny"
+    assert child.data.tags["strata.dvc_md5"].endswith(".dir")
+    assert child.inputs.dataset_inputs[0].dataset.digest == child.data.tags["strata.dvc_md5"][:36]
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"metrics.json", "accuracy_curve.png", "accuracy_matrix.png", "state", "gate.json"} <= artifacts
+
+    assert _versions(settings) == [1, 2, 3]
+    version = client.get_model_version("strata-digits", "3")
+    assert version.tags["strata.task_index"] == "2" and version.tags["strata.classes"] == "0,1,2,3,4,5"
+    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("strata-digits", "candidate").version) == "3"
+
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/strata-digits@champion")
+    predictions = model.predict(np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32))
+    assert set(predictions) <= {"0", "1", "2", "3", "4", "5"} and len(predictions) == 3
+
+    again = _learn(settings, gate=LENIENT)
+    assert again["learned"] == [] and _versions(settings) == [1, 2, 3]
+    assert status("digits", settings.workspace)[0]["champion"] == "3"
+
+
+def test_gate_registers_but_does_not_promote_a_forgetful_candidate(tmp_path, prefect_server, digit_batches):
+    settings = _workspace(tmp_path, digit_batches[:2])
+    strict = GateConfig(old_accuracy_budget=0.0, accuracy_floor=0.0)
+    result = _learn(settings, gate=strict)
+    assert [item["promoted"] for item in result["learned"]] == [True, False]
+    client = _client(settings)
+    assert _versions(settings) == [1, 2]
+    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("strata-digits", "candidate").version) == "2"
+    (learner,) = status("digits", settings.workspace)
+    assert learner["increments"][1]["promoted"] is False
+    assert any("beyond the budget" in reason for reason in _gate_reasons(settings, 1))
+
+    assert promote("digits", "2", settings.workspace) == "1"
+    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "2"
+    assert rollback("digits", settings.workspace) == "1"
+    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "1"
+    actors = [p["actor"] for p in status("digits", settings.workspace)[0]["promotions"]]
+    assert actors == ["gate", "promote", "rollback"]
+    with pytest.raises(ValueError, match="no version 9"):
+        promote("digits", "9", settings.workspace)
+
+
+def test_failed_increment_keeps_last_good_state_and_is_retried(tmp_path, prefect_server, digit_batches, monkeypatch):
+    settings = _workspace(tmp_path, digit_batches[:2])
+    original = Method.learn
+
+    def crash_on_task_one(self, task, engine):
+        if task.index == 1:
+            raise RuntimeError("simulated crash during training")
+        return original(self, task, engine)
+
+    monkeypatch.setattr(Method, "learn", crash_on_task_one)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _learn(settings, gate=LENIENT)
+    rows, classes = _ledger(settings)
+    assert rows == [(0, "succeeded", "1"), (1, "failed", None)]
+    assert [c[1] for c in classes] == ["0", "1"]
+    assert str(_client(settings).get_model_version_by_alias("strata-digits", "champion").version) == "1"
+
+    monkeypatch.setattr(Method, "learn", original)
+    result = _learn(settings, gate=LENIENT)
+    assert [item["batch_id"] for item in result["learned"]] == [digit_batch_id(settings, 1)]
+    assert _ledger(settings)[0] == [(0, "succeeded", "1"), (1, "succeeded", "2")]
+
+
+def _gate_reasons(settings, task_index):
+    engine = migrated_engine(settings.ledger_url)
+    with ledger_session(engine) as session:
+        learner = find_learner(session, "digits")
+        (row,) = [i for i in increments_module.increments(session, learner) if i.task_index == task_index]
+        reasons = row.metrics["gate"]
+    engine.dispose()
+    return reasons
+
+
+def digit_batch_id(settings, index):
+    engine = migrated_engine(settings.ledger_url)
+    with ledger_session(engine) as session:
+        batch = find_learner(session, "digits").data_versions[index].batch_id
+    engine.dispose()
+    return batch
+
+
+def test_crash_after_registration_leaves_one_version_per_increment(tmp_path, prefect_server, digit_batches,
+                                                                   monkeypatch):
+    settings = _workspace(tmp_path, digit_batches[:1])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash before the ledger commit")
+
+    monkeypatch.setattr("flows.learn.finish_increment", crash)
+    with pytest.raises(RuntimeError, match="before the ledger commit"):
+        _learn(settings, gate=LENIENT)
+    assert _versions(settings) == [1]  # registered, never recorded
+    monkeypatch.undo()
+    _learn(settings, gate=LENIENT)
+    assert _versions(settings) == [2]  # the orphan was removed: one version for task 0
+    assert _ledger(settings)[0] == [(0, "succeeded", "2")]
+
+
+def test_a_held_lease_stops_a_second_learn(tmp_path, prefect_server, digit_batches):
+    from datetime import timedelta
+
+    settings = _workspace(tmp_path, digit_batches[:1])
+    engine = migrated_engine(settings.ledger_url)
+    with ledger_session(engine) as session:
+        learner_id = find_learner(session, "digits").id
+    acquire_lease(engine, learner_id, "another-host:123", timedelta(minutes=5))
+    with pytest.raises(LeaseHeldError, match="another-host:123 holds its lease"):
+        _learn(settings)
+    rows, _ = _ledger(settings)
+    assert rows == []
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path):
+    """A real `mlflow server` subprocess on 127.0.0.1 over a SQLite or PostgreSQL backend store."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    import uuid
+
+    from tests.conftest import free_port
+
+    database = None
+    if request.param == "sqlite":
+        backend = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
+    else:
+        psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+        try:
+            admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True,
+                                    connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
+        database = f"strata_mlflow_{uuid.uuid4().hex[:8]}"
+        admin.execute(f'CREATE DATABASE "{database}"')
+        backend = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {process.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if database is not None:
+            admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+            admin.close()
+
+
+def test_learn_through_a_real_mlflow_server(tmp_path, prefect_server, digit_batches, mlflow_server, monkeypatch):
+    monkeypatch.setenv("STRATA_MLFLOW_TRACKING_URI", mlflow_server)  # as a user points Strata at a server
+    settings = _workspace(tmp_path, digit_batches[:1])
+    assert settings.mlflow_tracking_uri == mlflow_server
+    _learn(settings, gate=LENIENT)
+    client = MlflowClient(mlflow_server, mlflow_server)
+    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "1"
+    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("strata/digits").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert {"metrics.json", "state"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert client.get_metric_history(child.info.run_id, "accuracy")[0].step == 0
+
+
+def test_a_training_method_learns_several_increments_in_one_process(tmp_path, prefect_server, digit_batches):
+    """Logging a model validates it by loading it in this process; that must not disturb later training."""
+    import torch
+
+    settings = _workspace(tmp_path, digit_batches[:2])
+    result = _learn(settings, method="finetune_head", config={"train": {"epochs": 1}}, gate=LENIENT)
+    assert len(result["learned"]) == 2 and torch.is_grad_enabled()
