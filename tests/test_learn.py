@@ -227,7 +227,8 @@ def mlflow_server(request, tmp_path):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {process.stderr.read().decode()[-2000:]}")
+                    log = process.stderr.read().decode()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log}") from None
                 time.sleep(0.5)
         yield url
     finally:
