@@ -109,6 +109,36 @@ def benchmark(
 
 
 @app.command()
+@user_errors
+def compare(
+    methods: Annotated[str, typer.Option(help="comma-separated method names")] = "simplecil,finetune",
+    dataset: Annotated[str, typer.Option(help="digits | cifar100:DIR | folder:DIR | synthetic[:N]")] = "digits",
+    base: Annotated[int, typer.Option(help="classes in the first task (0: one increment)")] = 0,
+    increment: Annotated[int, typer.Option(help="classes per task")] = 2,
+    backbone: Annotated[str, typer.Option(help="tiny (random-init) or a timm ViT name")] = "tiny",
+    weights: Annotated[Path | None, typer.Option(help="local backbone weights")] = None,
+    seed: Annotated[int, typer.Option(help="class-order and training seed")] = 1993,
+    epochs: Annotated[int | None, typer.Option(help="override every method's epochs per task")] = None,
+    out: Annotated[Path, typer.Option(help="output folder (one sub-folder per method)")] = Path("runs/compare"),
+    workspace: WorkspaceOption = None,
+) -> None:
+    """The benchmark flow: several methods on the same stream, one MLflow run each, a comparison table."""
+    from flows.compare import CompareParams
+    from flows.compare import compare as compare_flow
+
+    rows = compare_flow(CompareParams(methods=[m.strip() for m in methods.split(",") if m.strip()], dataset=dataset,
+                                      base=base, increment=increment, backbone=backbone,
+                                      weights=str(weights) if weights else None, seed=seed, epochs=epochs, out=out,
+                                      workspace=str(workspace) if workspace else None))
+    table = Table(title=f"{dataset} B{base}-Inc{increment} on {backbone}")
+    for column in rows[0]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+@app.command()
 def methods() -> None:
     """List the registered methods with what makes each different."""
     table = Table(title="methods")
@@ -196,16 +226,50 @@ def data_show(batch: Annotated[str, typer.Argument(help="batch id (see `strata d
 
 @app.command()
 @user_errors
+def export(
+    learner: Annotated[str, typer.Option(help="learner name")],
+    version: Annotated[str | None, typer.Option(help="registered version [default: the alias's]")] = None,
+    alias: Annotated[str, typer.Option(help="alias to export when no version is given")] = "champion",
+    fp16: Annotated[bool, typer.Option(help="half-precision weights and compute (looser parity bound)")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    out: Annotated[Path | None, typer.Option(help="output folder [default: .strata/exports/<learner>/v<version>]")]
+    = None,
+    with_preprocess: Annotated[str | None, typer.Option(help="bake the test transform in for uint8 HxW images, "
+                                                        "e.g. 256x256")] = None,
+    triton: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights file")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Export a registered version to ONNX (parity-gated) and log it on the version (onnx flavor)."""
+    from flows.export import ExportParams
+    from flows.export import export as export_flow
+
+    hw = tuple(int(v) for v in with_preprocess.lower().split("x")) if with_preprocess else None
+    report = export_flow(ExportParams(learner=learner, version=version, alias=alias, fp16=fp16, opset=opset,
+                                      out=str(out) if out else None, preprocess_hw=hw,
+                                      triton=str(triton) if triton else None, weights=str(weights) if weights else None,
+                                      workspace=str(workspace) if workspace else None))
+    parity = report["parity"]
+    console.print(f"exported v{report['version']} → {report['directory']} (max |Δ| {parity['max_abs_diff']:.2e}, "
+                  f"argmax agreement {parity['argmax_agreement']:.1%}, {parity['provider']})")
+
+
+@app.command()
+@user_errors
 def serve(
-    model_dir: Annotated[Path, typer.Option(help="export directory (or a symlink to one) with model.onnx, "
-                                            "labels.json, model.json; reloaded when it changes")],
+    learner: Annotated[str | None, typer.Option(help="serve this learner's alias (exported on first use)")] = None,
+    alias: Annotated[str, typer.Option(help="registry alias to follow; the server reloads when it moves")]
+    = "champion",
+    model_dir: Annotated[Path | None, typer.Option(help="or: an export directory (or a symlink to one), "
+                                                   "reloaded when it changes")] = None,
     host: Annotated[str, typer.Option(help="bind address; other than loopback needs STRATA_SERVE_API_KEY")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often to look for a new model version")] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="most images run together in one session.run")] = 32,
+    workspace: WorkspaceOption = None,
 ) -> None:
-    """Serve an exported model over HTTP: POST /predict (images or a JSON tensor), GET /model, GET /health.
+    """Serve a model over HTTP: POST /predict (images or a JSON tensor), GET /model, GET /health.
 
     Set STRATA_SERVE_API_KEY to require it from clients in the X-API-Key header.
     """
@@ -213,8 +277,16 @@ def serve(
     from tasks.model_source import ExportDirSource
     from tasks.serving import ServeConfig
 
+    if (learner is None) == (model_dir is None):
+        raise typer.BadParameter("give either --learner (and --alias) or --model-dir")
+    if learner is not None:
+        from flows.export import registry_source
+
+        source = registry_source(learner, alias, str(workspace) if workspace else None)
+    else:
+        source = ExportDirSource(model_dir)
     config = ServeConfig(poll_seconds=poll_seconds, max_batch=max_batch, max_images=max_batch)
-    run_server(ExportDirSource(model_dir), host, port, config)
+    run_server(source, host, port, config)
 
 
 @db_app.command("upgrade")

@@ -33,6 +33,7 @@ from models.streams import LabelledDataset, Stream, stream_from_batches
 from tasks import registry, tracking
 from tasks.artifacts import TrainingProgress, accuracy_table, increment_summary
 from tasks.data import materialise
+from tasks.feature_cache import DiskFeatureCache
 from tasks.increments import (
     LearnedTask,
     configure_learner,
@@ -254,7 +255,8 @@ def _learn_pending(settings: StrataSettings, params: LearnParams, learner_id: in
     method = create_method(method_name, build_backbone(backbone_name, params.weights), overrides=config)
     if history:
         method.load_state(history[-1].checkpoint_uri)
-    engine = Engine(params.device or settings.device or None, seed=params.seed, show_progress=params.show_progress)
+    engine = Engine(params.device or settings.device or None, seed=params.seed, show_progress=params.show_progress,
+                    feature_cache=DiskFeatureCache(settings.state_dir / "cache" / "features"))
     run = Learning(settings, params, params.learner, learner_id, method, engine, history,
                    [materialise_version(settings, t.batch_id) for t in history])
     client = tracking.configure(settings)

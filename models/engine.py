@@ -5,16 +5,23 @@ what the loss of a batch is (``training_loss``), and optionally what happens at 
 freeze schedule), which batches an epoch sees (OVOR's cached-feature VOR epochs) and what follows
 each optimizer step (LAE's EMA). The engine owns the optimizer, the schedule, batching, bf16
 autocast on GPU and progress reporting.
+
+Frozen-feature extraction (``Engine.extract``) can be served from a :class:`FeatureCache` when the
+caller gives a content key (see ``Method.feature_cache_key``): the engine adds what else decides the
+result (device, batch size and, for random transforms, the seed, the workers and torch's RNG state) and
+never keys by object identity. ``models`` only defines the protocol; the disk store is in ``tasks``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 class OptimizerConfig(BaseModel):
@@ -112,6 +121,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class FeatureCache(Protocol):
+    """A content-keyed store of extracted features: ``{"features", "labels"[, "rng_after"]}`` per key.
+
+    ``get`` returns None for a key it does not hold or cannot read (the engine then recomputes).
+    """
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None: ...
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -120,12 +140,16 @@ class Engine:
     """Runs training and batched inference for any method on one device."""
 
     def __init__(self, device: str | torch.device | None = None, seed: int = 0, num_workers: int = 0,
-                 show_progress: bool = True, on_epoch_end: Callable[[EpochReport], None] | None = None):
+                 show_progress: bool = True, on_epoch_end: Callable[[EpochReport], None] | None = None,
+                 feature_cache: FeatureCache | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.seed = seed
         self.num_workers = num_workers
         self.show_progress = show_progress
         self.on_epoch_end = on_epoch_end
+        self.feature_cache = feature_cache
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                seed_offset: int = 0) -> DataLoader:
@@ -180,9 +204,23 @@ class Engine:
         return losses
 
     @torch.inference_mode()
-    def extract(self, fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply ``fn`` to every sample once, in batches, without autograd; results on CPU."""
+    def extract(self, fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
+                cache_key: str | None = None, random_transform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply ``fn`` to every sample once, in batches, without autograd; results on CPU.
+
+        With a feature cache and a ``cache_key`` (which must identify the data, ``fn`` and the transform by
+        content), a stored result is returned instead of running ``fn``. ``random_transform`` says the
+        dataset's transform draws from torch's global RNG (torchvision's random transforms do): the key
+        then also holds that RNG's state, the seed and the workers, and a hit restores the RNG state the
+        computation would have left, so that everything after it runs exactly as without the cache.
+        """
+        key = self._full_cache_key(cache_key, batch_size, random_transform)
+        if key is not None:
+            hit = self._cached(key, len(dataset), random_transform)  # type: ignore[arg-type]
+            if hit is not None:
+                self.cache_hits += 1
+                return hit
+            self.cache_misses += 1
         outputs, labels = [], []
         for inputs, targets in tqdm(self.loader(dataset, batch_size), desc="inference", leave=False,
                                     disable=not self.show_progress):
@@ -190,7 +228,41 @@ class Engine:
             labels.append(targets)
         if not outputs:
             raise ValueError("cannot run inference on an empty dataset")
-        return torch.cat(outputs), torch.cat(labels)
+        features, labels = torch.cat(outputs), torch.cat(labels)
+        if key is not None:
+            entry = {"features": features, "labels": labels}
+            if random_transform:
+                entry["rng_after"] = torch.get_rng_state()
+            try:
+                self.feature_cache.put(key, entry)  # type: ignore[union-attr]
+            except Exception as exc:  # a cache that cannot store must not fail the training
+                logger.warning("could not store features under %s: %s: %s", key[:12], type(exc).__name__, exc)
+        return features, labels
+
+    def _full_cache_key(self, cache_key: str | None, batch_size: int, random_transform: bool) -> str | None:
+        if self.feature_cache is None or not cache_key:
+            return None
+        digest = hashlib.sha256()
+        for part in (cache_key, self.device.type, str(batch_size), str(random_transform)):
+            digest.update(part.encode() + b"\0")
+        if random_transform:
+            digest.update(f"{self.seed}\0{self.num_workers}\0".encode())
+            digest.update(torch.get_rng_state().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _cached(self, key: str, size: int, random_transform: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.feature_cache.get(key)  # type: ignore[union-attr]
+        if entry is None:
+            return None
+        features, labels = entry.get("features"), entry.get("labels")
+        rng_after = entry.get("rng_after")
+        if (features is None or labels is None or features.ndim != 2 or len(features) != size or len(labels) != size
+                or (random_transform and (rng_after is None or rng_after.dtype != torch.uint8))):
+            logger.warning("ignoring the cached features %s: they do not match this extraction", key[:12])
+            return None
+        if random_transform:
+            torch.set_rng_state(rng_after)
+        return features.float(), labels.long()
 
 
 def _length(batches: Iterable) -> int | None:

@@ -73,6 +73,9 @@ class LabelledDataset:
     class_names: tuple[str, ...]
     train: LabelledImages
     test: LabelledImages
+    # Identity of the samples by content (a data version's DVC md5), set only by readers whose data are
+    # content-addressed; empty means "unknown", and then no features of it are ever cached.
+    content_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Task:
     class_names: tuple[str, ...]
     train: LabelledImages
     test: LabelledImages
+    # Content identity of the task's samples (the batch's ``content_key``); "" disables feature caching.
+    data_key: str = ""
 
     @property
     def num_old(self) -> int:
@@ -171,6 +176,7 @@ def stream_from_batches(name: str, batches: Sequence[LabelledDataset]) -> Stream
         offset = len(names)
         mapping = {i: offset + i for i in range(len(batch.class_names))}
         ids = tuple(range(offset, offset + len(batch.class_names)))
-        tasks.append(Task(index, ids, batch.class_names, batch.train.relabel(mapping), batch.test.relabel(mapping)))
+        tasks.append(Task(index, ids, batch.class_names, batch.train.relabel(mapping), batch.test.relabel(mapping),
+                          data_key=batch.content_key))
         names.extend(batch.class_names)
     return Stream(name, tuple(tasks), tuple(names))

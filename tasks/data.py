@@ -39,7 +39,8 @@ def materialise(settings: StrataSettings, batch_id: str) -> LabelledDataset:
         actual = directory_md5(path)
     if actual != md5:
         raise DataVersionError(f"{path} has md5 {actual}, expected {md5}: the data changed after ingestion")
-    return LabelledDataset(batch_id, tuple(classes), _split(path / "train", classes), _split(path / "test", classes))
+    return LabelledDataset(batch_id, tuple(classes), _split(path / "train", classes), _split(path / "test", classes),
+                           content_key=md5)
 
 
 def _split(folder: Path, classes: list[str]) -> LabelledImages:

@@ -22,14 +22,9 @@ class StrataClassifier(PythonModel):
     """Predicts class names with a Strata method restored from its state files."""
 
     def load_context(self, context) -> None:
-        from models.backbones import build_backbone
-        from models.methods import create_method, read_state_meta
+        from tasks.restore import restore_method
 
-        state = context.artifacts["state"]
-        meta = read_state_meta(state)
-        backbone = build_backbone(meta["backbone"]["name"], (context.model_config or {}).get("weights"))
-        self.method = create_method(meta["method"], backbone, overrides=meta["config"]).eval()
-        self.method.load_state(state)
+        self.method = restore_method(context.artifacts["state"], (context.model_config or {}).get("weights"))
         self.class_names = np.array(self.method.class_names)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:

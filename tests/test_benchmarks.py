@@ -49,3 +49,4 @@ def test_script_prints_json_with_baseline_and_ratios(name, capsys, monkeypatch):
         assert document["baseline"]["forwards"] == 8
         assert methods["simplecil"]["first_run_forwards"] == 8
         assert methods["aper_adapter"]["first_run_forwards"] == 16  # two branches
+        assert methods["simplecil"]["second_run_forwards"] == methods["aper_adapter"]["second_run_forwards"] == 0

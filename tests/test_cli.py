@@ -82,3 +82,18 @@ def test_profile_sets_protocol_and_cli_options_win(tmp_path):
     result = runner.invoke(app, ["benchmark", "--profile", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown profile 'nope'" in result.output
     assert "simplecil-cifar100" in runner.invoke(app, ["profiles"]).output
+
+
+def test_compare_flow_runs_methods_on_one_stream_with_one_mlflow_run_each(tmp_path, prefect_server):
+    from mlflow import MlflowClient
+
+    result = runner.invoke(app, ["compare", "--methods", "simplecil,finetune_head", "--dataset", "synthetic:6",
+                                 "--epochs", "1", "--out", str(tmp_path / "out"), "--workspace", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "simplecil" in result.output and "finetune_head" in result.output
+    uri = f"sqlite:///{tmp_path}/.strata/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("strata/benchmark/synthetic-B0-Inc2")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["strata.method"] for r in runs) == ["finetune_head", "simplecil"]
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "accuracy")) == [0, 1, 2]

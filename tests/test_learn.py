@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -259,3 +261,32 @@ def test_a_training_method_learns_several_increments_in_one_process(tmp_path, pr
     settings = _workspace(tmp_path, digit_batches[:2])
     result = _learn(settings, method="finetune_head", config={"train": {"epochs": 1}}, gate=LENIENT)
     assert len(result["learned"]) == 2 and torch.is_grad_enabled()
+
+
+def test_export_a_registered_version_and_serve_the_champion(tmp_path, prefect_server, digit_batches):
+    import mlflow
+
+    from flows.export import ExportParams, export, registry_source
+
+    settings = _workspace(tmp_path, digit_batches[:2])
+    _learn(settings, gate=GateConfig(old_accuracy_budget=0.0))  # champion stays v1, candidate v2
+    report = export(ExportParams(learner="digits", workspace=str(settings.workspace),
+                                 triton=str(tmp_path / "triton")))
+    assert report["version"] == "1" and report["parity"]["max_abs_diff"] <= 1e-4
+    folder = Path(report["directory"])
+    assert {"model.onnx", "labels.json", "model.json"} <= {p.name for p in folder.iterdir()}
+    assert (tmp_path / "triton" / "strata-digits" / "1" / "model.onnx").is_file()
+    tags = _client(settings).get_model_version("strata-digits", "1").tags
+    assert tags["strata.onnx_model_uri"] == report["model_uri"]
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    pixels = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    scores = mlflow.pyfunc.load_model(report["model_uri"]).predict({"pixels": pixels})
+    assert np.asarray(list(scores.values())[0] if isinstance(scores, dict) else scores).shape == (2, 2)
+
+    source = registry_source("digits", workspace=str(settings.workspace))
+    assert source.current().version == "1"
+    promote("digits", "2", settings.workspace)
+    moved = source.current()  # the champion moved: the server's next poll exports and serves v2
+    assert moved.version == "2" and (moved.directory / "model.onnx").is_file()
+    with pytest.raises(Exception, match="no version 7"):
+        export(ExportParams(learner="digits", version="7", workspace=str(settings.workspace)))

@@ -25,7 +25,7 @@ from torch import nn
 from models.backbones import Backbone, BackboneError
 from models.engine import Engine, OptimizerConfig, TrainConfig
 from models.heads import CosineClassifier
-from models.methods.base import Method, MethodConfig
+from models.methods.base import Method, MethodConfig, tensors_digest
 from models.methods.registry import register_method
 from models.methods.simplecil import add_prototypes
 from models.pet.adaptformer import AdaptFormer
@@ -104,8 +104,14 @@ class Aper(Method):
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
         losses = self._adapt(task, engine) if task.index == 0 else []
         self.eval()
-        add_prototypes(self.head, self.features, task, self.test_transform(), engine, self.config.eval_batch_size)
+        transform = self.test_transform()
+        add_prototypes(self.head, self.features, task, transform, engine, self.config.eval_batch_size,
+                       self.feature_cache_key(task, transform, "train"))
         return losses
+
+    def feature_identity(self) -> str:
+        """The PTM and the PET state: task 0's adaptation changes the adapted branch, hence the key."""
+        return f"{super().feature_identity()}:pet={self.config.pet}:{tensors_digest(self.pet)}"
 
     def _adapt(self, task: Task, engine: Engine) -> list[float]:
         """Train the PET with CE on a fresh cosine head over task 0's classes, then drop the head."""

@@ -13,6 +13,7 @@ A method is an ``nn.Module`` around a frozen :class:`~models.backbones.Backbone`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.backbones import Backbone
+from models.backbones import Backbone, weights_fingerprint
 from models.engine import Engine, TrainConfig, TrainingHooks
 from models.streams import Task
 from models.transforms import TransformConfig, test_transform, train_transform
@@ -116,6 +117,29 @@ class Method(nn.Module, TrainingHooks):
     def train_transform(self):
         return train_transform(self.config.transforms, self.backbone.image_size)
 
+    # -- feature cache ---------------------------------------------------------------------------------
+    def feature_identity(self) -> str:
+        """What, besides the data and the transform, decides the features a method extracts: by default
+        the frozen backbone (name, a digest of its current weights and of its module structure). Methods
+        whose feature function also depends on learned tensors (APER's PET, OVOR's prompts) add a digest
+        of those tensors."""
+        if self.trains_backbone:
+            raise ValueError(f"{self.name} trains its backbone: its features are not frozen and cannot be cached")
+        # The weights as they are now (not only as built) and the module structure, which shows wrappers
+        # attached to the blocks (prefix attention); hashing ViT-B takes a fraction of a second per task.
+        structure = hashlib.sha256(repr(self.backbone).encode()).hexdigest()[:16]
+        return f"{self.backbone.info.name}:{weights_fingerprint(self.backbone)}:{structure}"
+
+    def feature_cache_key(self, task: Task, transform, split: str) -> str | None:
+        """The content key of ``task``'s ``split`` samples embedded by this method under ``transform``, or
+        None (no caching) when the task's data have no content identity. Never keyed by object identity:
+        data md5, class ids (the cached labels are learning-order ids), feature identity, transform."""
+        if not task.data_key:
+            return None
+        parts = [task.data_key, split, ",".join(map(str, task.class_ids)), self.feature_identity(), repr(transform),
+                 self.config.transforms.model_dump_json(), str(self.backbone.image_size)]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
     def test_transform(self):
         return test_transform(self.config.transforms, self.backbone.image_size)
 
@@ -194,6 +218,11 @@ def read_state_meta(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != STATE_FORMAT:
         raise StateError(f"{directory} has state format {meta.get('format')}, expected {STATE_FORMAT}")
     return meta
+
+
+def tensors_digest(module: nn.Module) -> str:
+    """A content digest of a module's tensors (for feature-cache keys)."""
+    return weights_fingerprint(module)
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

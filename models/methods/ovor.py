@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from models.engine import Engine, OptimizerConfig, TrainConfig
 from models.heads import GrowingLinear
-from models.methods.base import Method, MethodConfig
+from models.methods.base import Method, MethodConfig, tensors_digest
 from models.methods.registry import register_method
 from models.ood import OutlierConfig, VORLossConfig, synthesize_outliers, vor_loss
 from models.pet.oneprompt import DEFAULT_LENGTHS, OnePrompt
@@ -109,8 +109,12 @@ class OVOR(Method):
         shuffled ID batches of ``batch_size`` zipped with unshuffled outlier batches of
         ``n_ood // n_batches``; each batch is ID features then outliers labelled ``OUTLIER_LABEL``."""
         task, engine = self._fitting
-        dataset = task.train.with_transform(self.train_transform())
-        features, labels = engine.extract(self.backbone, dataset, self.config.eval_batch_size)
+        transform = self.train_transform()
+        # Random crops: cacheable only for an identical re-run. The key holds the prompts' current values
+        # and the engine adds torch's RNG state, seed and workers (``random_transform=True``).
+        features, labels = engine.extract(self.backbone, task.train.with_transform(transform),
+                                          self.config.eval_batch_size, self.feature_cache_key(task, transform, "train"),
+                                          random_transform=True)
         features, labels = features.to(engine.device).clone(), labels.to(engine.device).clone()
         generator = torch.Generator().manual_seed(engine.seed + 1000 * task.index + epoch)
         outliers = synthesize_outliers(features, task.num_new, self.config.outliers, generator)
@@ -121,6 +125,10 @@ class OVOR(Method):
         return [(torch.cat([features[rows], ood]),
                  torch.cat([labels[rows], labels.new_full((len(ood),), OUTLIER_LABEL)]))
                 for rows, ood in zip(id_batches, ood_batches, strict=False)]
+
+    def feature_identity(self) -> str:
+        """The backbone and the prompts' current values (they live in its attention and are trained)."""
+        return f"{super().feature_identity()}:prompts={tensors_digest(self.prompt)}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(pixels))  # the prompts live in the backbone's attention

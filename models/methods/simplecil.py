@@ -32,7 +32,9 @@ class SimpleCIL(Method):
         self.head.grow(num_new)
 
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
-        add_prototypes(self.head, self.features, task, self.test_transform(), engine, self.config.eval_batch_size)
+        transform = self.test_transform()
+        add_prototypes(self.head, self.features, task, transform, engine, self.config.eval_batch_size,
+                       self.feature_cache_key(task, transform, "train"))
         return []
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -42,9 +44,11 @@ class SimpleCIL(Method):
         return self.head(self.features(pixels))
 
 
-def add_prototypes(head: CosineClassifier, features, task: Task, transform, engine: Engine, batch_size: int) -> None:
-    """Embed the task's training images once (test transform, inference mode) and write class means."""
-    embedded, labels = engine.extract(features, task.train.with_transform(transform), batch_size)
+def add_prototypes(head: CosineClassifier, features, task: Task, transform, engine: Engine, batch_size: int,
+                   cache_key: str | None = None) -> None:
+    """Embed the task's training images once (test transform, inference mode) and write class means;
+    with a ``cache_key`` the engine may serve the embeddings from its feature cache."""
+    embedded, labels = engine.extract(features, task.train.with_transform(transform), batch_size, cache_key)
     head.set_prototypes(torch.tensor(task.class_ids), class_means(embedded, labels, task.class_ids))
 
 
