@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from benchmarks.feature_reuse import ImageCounter
 from models.engine import Engine, seed_everything
 from models.methods import create_method
 from models.streams import LabelledDataset, stream_from_batches
@@ -14,18 +15,6 @@ from tasks.feature_cache import DiskFeatureCache
 
 APER_SMALL = {"train": {"epochs": 1, "batch_size": 8}}
 OVOR_SMALL = {"train": {"epochs": 2, "batch_size": 8}, "vor_epochs": 1, "outliers": {"num_per_class": 4}}
-
-
-class ForwardCounter:
-    """Images through ``patch_embed`` under inference mode (frozen-feature extraction, not training)."""
-
-    def __init__(self, backbone) -> None:
-        self.images = 0
-        backbone.vit.patch_embed.register_forward_hook(self)
-
-    def __call__(self, _module, args, _output) -> None:
-        if torch.is_inference_mode_enabled():
-            self.images += len(args[0])
 
 
 @pytest.fixture()
@@ -41,7 +30,7 @@ def learn(name, factory, task, engine, overrides=None, backbone="tiny"):
     """A fresh method learning ``task`` from the same seed; returns it and its inference-mode forwards."""
     seed_everything(0)
     method = create_method(name, factory(backbone), overrides=overrides)
-    counter = ForwardCounter(method.backbone)
+    counter = ImageCounter(method.backbone)
     method.learn(task, engine)
     return method, counter.images
 
@@ -121,7 +110,7 @@ def test_ovor_vor_features_are_reused_only_by_an_identical_rerun(task, tmp_path,
     # another RNG state (a different random crop draw) must not be served from the cache
     seed_everything(1)
     method = create_method("ovor", tiny_backbone_factory(), overrides=OVOR_SMALL)
-    counter = ForwardCounter(method.backbone)
+    counter = ImageCounter(method.backbone)
     method.learn(task, cached_engine(tmp_path))
     assert counter.images == len(task.train)
 
