@@ -72,15 +72,21 @@ def engine(**kwargs) -> Engine:
     return Engine("cpu" if not torch.cuda.is_available() else None, seed=0, show_progress=False, **kwargs)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one untimed warm-up call."""
-    fn()
+def call_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of each of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one untimed warm-up call."""
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def _rss_bytes() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,14 +28,7 @@ BATCH_SIZES = (1, 8, 32)
 
 
 def timings(call: Callable[[], object], iterations: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        call()
-    seconds = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    milliseconds = np.array(seconds) * 1000
+    milliseconds = np.array(common.call_seconds(call, iterations, warmup)) * 1000
     return {"p50_ms": round(float(np.percentile(milliseconds, 50)), 3),
             "p99_ms": round(float(np.percentile(milliseconds, 99)), 3),
             "mean_ms": round(float(milliseconds.mean()), 3)}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tasks import migrate
 from tasks.ingest import IngestResult, ingest
-from tasks.ledger import ledger_session, list_data_versions
+from tasks.ledger import list_data_versions
 from tasks.settings import StrataSettings, load_settings
 from tasks.workspace import find_workspace, init_workspace
 
@@ -28,15 +28,11 @@ def ingest_batch(source: Path, learner: str, test_fraction: float, seed: int,
 def data_versions(learner: str | None = None, workspace: Path | None = None) -> list[dict]:
     """The ledger's data versions as plain rows (oldest first)."""
     settings = workspace_settings(workspace)
-    engine = migrate.migrated_engine(settings.ledger_url)
-    try:
-        with ledger_session(engine) as session:
-            return [dict(batch_id=v.batch_id, learner=v.learner.name, classes=v.classes, split=v.split,
-                         md5=v.md5, hash_name=v.hash_name, git_rev=v.git_rev, remote=v.remote, path=v.path,
-                         created=v.created.isoformat(timespec="seconds"))
-                    for v in list_data_versions(session, learner)]
-    finally:
-        engine.dispose()
+    with migrate.ledger(settings.ledger_url) as session:
+        return [dict(batch_id=v.batch_id, learner=v.learner.name, classes=v.classes, split=v.split,
+                     md5=v.md5, hash_name=v.hash_name, git_rev=v.git_rev, remote=v.remote, path=v.path,
+                     created=v.created.isoformat(timespec="seconds"))
+                for v in list_data_versions(session, learner)]
 
 
 def db_upgrade(revision: str, workspace: Path | None = None) -> str | None:

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks import registry, tracking
-from tasks.increments import increments, learners, promotions, record_promotion
+from tasks.increments import increments, learners, promotions
 from tasks.ledger import Learner as LearnerRow
-from tasks.ledger import LedgerError, find_learner, ledger_session
-from tasks.migrate import migrated_engine
+from tasks.ledger import LedgerError, Promotion, find_learner
+from tasks.migrate import ledger
 from tasks.settings import StrataSettings, load_settings
 from tasks.workspace import find_workspace
 
@@ -21,15 +21,11 @@ def _settings(workspace: Path | None) -> StrataSettings:
 def status(learner: str | None = None, workspace: Path | None = None) -> list[dict[str, Any]]:
     """Learners with their increments (A_t, Ā, version, status), classes and champion."""
     settings = _settings(workspace)
-    db = migrated_engine(settings.ledger_url)
-    try:
-        with ledger_session(db) as session:
-            rows = learners(session, learner)
-            if learner is not None and not rows:
-                raise LedgerError(f"no learner {learner!r} in this workspace; see `strata status`")
-            return [_describe(session, row) for row in rows]
-    finally:
-        db.dispose()
+    with ledger(settings.ledger_url) as session:
+        rows = learners(session, learner)
+        if learner is not None and not rows:
+            raise LedgerError(f"no learner {learner!r} in this workspace; see `strata status`")
+        return [_describe(session, row) for row in rows]
 
 
 def _describe(session, learner: LearnerRow) -> dict[str, Any]:
@@ -56,30 +52,22 @@ def promote(learner: str, version: str, workspace: Path | None = None, actor: st
     name = tracking.model_name(learner)
     registry.version_tags(client, name, version)  # raises a clear error for an unknown version
     previous = registry.alias_version(client, name, registry.CHAMPION)
-    db = migrated_engine(settings.ledger_url)
-    try:
-        with ledger_session(db) as session:
-            row = find_learner(session, learner)
-            if row is None:
-                raise LedgerError(f"no learner {learner!r} in this workspace")
-            learner_id = row.id
+    with ledger(settings.ledger_url) as session:
+        row = find_learner(session, learner)
+        if row is None:
+            raise LedgerError(f"no learner {learner!r} in this workspace")
         registry.set_alias(client, name, registry.CHAMPION, version)
-        record_promotion(db, learner_id, version, previous, actor, reason)
-    finally:
-        db.dispose()
+        session.add(Promotion(learner_id=row.id, model_version=version, previous_version=previous, actor=actor,
+                              reason=reason[:1024]))
     return previous
 
 
 def rollback(learner: str, workspace: Path | None = None) -> str:
     """Move ``champion`` back to the version it pointed at before its last move; returns that version."""
     settings = _settings(workspace)
-    db = migrated_engine(settings.ledger_url)
-    try:
-        with ledger_session(db) as session:
-            row = find_learner(session, learner)
-            moves = promotions(session, row) if row is not None else []
-    finally:
-        db.dispose()
+    with ledger(settings.ledger_url) as session:
+        row = find_learner(session, learner)
+        moves = promotions(session, row) if row is not None else []
     if not moves or moves[-1].previous_version is None:
         raise LedgerError(f"learner {learner!r} has no earlier champion to roll back to")
     target = moves[-1].previous_version

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.streams import LabelledDataset, LabelledImages
-from tasks.ledger import find_data_version, ledger_session
-from tasks.migrate import migrated_engine
+from tasks.ledger import find_data_version
+from tasks.migrate import ledger
 from tasks.settings import StrataSettings
 from tasks.versioning import directory_md5, dvc_lock, dvc_pull, read_dvc_out
 
@@ -21,15 +21,11 @@ class DataVersionError(ValueError):
 
 def materialise(settings: StrataSettings, batch_id: str) -> LabelledDataset:
     """The version's images on disk, verified, as a LabelledDataset (classes in sorted name order)."""
-    engine = migrated_engine(settings.ledger_url)
-    try:
-        with ledger_session(engine) as session:
-            version = find_data_version(session, batch_id)
-            if version is None:
-                raise DataVersionError(f"no data version {batch_id!r} in the ledger; see `strata data list`")
-            path, md5, classes = settings.workspace / version.path, version.md5, sorted(version.classes)
-    finally:
-        engine.dispose()
+    with ledger(settings.ledger_url) as session:
+        version = find_data_version(session, batch_id)
+        if version is None:
+            raise DataVersionError(f"no data version {batch_id!r} in the ledger; see `strata data list`")
+        path, md5, classes = settings.workspace / version.path, version.md5, sorted(version.classes)
     recorded = read_dvc_out(path).md5
     if recorded != md5:
         raise DataVersionError(f"{path}.dvc says md5 {recorded} but the ledger recorded {md5} for {batch_id}: "

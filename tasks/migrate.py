@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -12,8 +14,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 
-from tasks.ledger import LedgerError, make_engine
+from tasks.ledger import LedgerError, ledger_session, make_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 VERSION_TABLE = "strata_alembic_version"  # MLflow and Prefect use alembic's default table
@@ -60,3 +63,14 @@ def migrated_engine(url: str) -> Engine:
         raise LedgerError(f"the ledger at {url} is at revision {current}, not {head}: "
                           f"run `strata init` or `strata db upgrade`")
     return make_engine(url)
+
+
+@contextmanager
+def ledger(url: str) -> Iterator[Session]:
+    """One transaction on the ledger at ``url`` (checked to be at head); the engine lives only as long."""
+    engine = migrated_engine(url)
+    try:
+        with ledger_session(engine) as session:
+            yield session
+    finally:
+        engine.dispose()
