@@ -19,6 +19,7 @@ from models.methods import StateError, UnknownMethodError, available_methods, me
 from models.streams import StreamError
 from tasks.data import DataVersionError
 from tasks.datasets import DatasetError
+from tasks.deployments import DeploymentError
 from tasks.increments import LearnerConfigError
 from tasks.ingest import IngestError
 from tasks.ledger import LeaseHeldError, LedgerError
@@ -33,7 +34,8 @@ app = typer.Typer(help="Strata: class-incremental learning on frozen pretrained 
 console = Console()
 USER_ERRORS = (UnknownProfileError, BackboneError, DatasetError, StreamError, UnknownMethodError, StateError,
                SettingsError, ValidationError, BatchRejectedError, IngestError, LedgerError, DataVersionError,
-               VersioningError, ServeError, ModelSourceError, LearnerConfigError, LeaseHeldError, DemoError)
+               VersioningError, ServeError, ModelSourceError, LearnerConfigError, LeaseHeldError, DemoError,
+               DeploymentError)
 WorkspaceOption = Annotated[Path | None, typer.Option("--workspace", "-w", help="workspace root [default: the one "
                                                       "containing the current directory]")]
 data_app = typer.Typer(help="Ingested data versions.", no_args_is_help=True)
@@ -346,6 +348,54 @@ def learn(
     for item in result["learned"]:
         verdict = "promoted to champion" if item["promoted"] else "not promoted"
         console.print(f"learned {item['batch_id']}: A_t {_pct(item['accuracy'])}, {verdict}")
+
+
+LearnersOption = Annotated[list[str] | None, typer.Option("--learner", help="a learner to deploy learn for "
+                                                         "(repeatable) [default: every learner of the workspace]")]
+PrefectFileOption = Annotated[Path | None, typer.Option(help="deployments file [default: the workspace's "
+                                                        "prefect.yaml, else Strata's own]")]
+GpuSlotsOption = Annotated[int, typer.Option(min=1, help="slots of the `gpu` concurrency limit: training steps "
+                                             "that may run at once")]
+
+
+@app.command()
+@user_errors
+def deploy(learner: LearnersOption = None,
+           pool: Annotated[str | None, typer.Option(help="work pool for every deployment [default: the one "
+                                                    "prefect.yaml names, `strata`; created if missing]")] = None,
+           gpu_slots: GpuSlotsOption = 1, prefect_file: PrefectFileOption = None,
+           workspace: WorkspaceOption = None) -> None:
+    """Create or update the prefect.yaml deployments on the Prefect API (PREFECT_API_URL).
+
+    learn/<learner> runs nightly and on every `strata.batch.ingested` event for that learner, one run at a
+    time per learner; benchmark/manual and export/manual run from the UI. Then start `strata worker`.
+    """
+    from flows.deploy import deploy as deploy_all
+
+    for name in deploy_all(learner, pool, gpu_slots, workspace, prefect_file):
+        console.print(f"[green]✓[/] deployment {name}")
+    console.print("run them with: strata worker   (or: prefect worker start --pool strata)")
+
+
+@app.command()
+@user_errors
+def worker(pool: Annotated[str, typer.Option(help="work pool to take runs from")] = "strata",
+           limit: Annotated[int | None, typer.Option(help="most flow runs at once")] = None) -> None:
+    """Run Prefect's process worker on the pool (`prefect worker start --pool NAME --type process`)."""
+    from flows.deploy import worker as start_worker
+
+    start_worker(pool, limit)
+
+
+@app.command("serve-flows")
+@user_errors
+def serve_flows(learner: LearnersOption = None, gpu_slots: GpuSlotsOption = 1,
+                limit: Annotated[int | None, typer.Option(help="most flow runs at once")] = None,
+                prefect_file: PrefectFileOption = None, workspace: WorkspaceOption = None) -> None:
+    """Serve the prefect.yaml deployments from this one process: schedules and triggers, no work pool."""
+    from flows.deploy import serve_flows as serve_all
+
+    serve_all(learner, gpu_slots, workspace, prefect_file, limit)
 
 
 @app.command()

@@ -14,11 +14,13 @@ import mlflow
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
 from pydantic import Field
 
 from flows.benchmark import BenchmarkParams, run_benchmark
 from tasks import tracking
 from tasks.artifacts import artifact_key
+from tasks.deployments import GPU_LIMIT
 from tasks.reports import CURVE_FILE, MATRIX_FILE, METRICS_FILE
 from tasks.settings import load_settings
 
@@ -35,7 +37,8 @@ def benchmark_method(params: CompareParams, method: str, experiment_id: str) -> 
     single = BenchmarkParams(**{**params.model_dump(exclude={"methods", "workspace"}), "method": method,
                                 "out": params.out / method})
     with mlflow.start_run(experiment_id=experiment_id, run_name=method, tags={"strata.method": method}):
-        metrics = run_benchmark(single, show_progress=False)
+        with concurrency(GPU_LIMIT, occupy=1, strict=False):  # training holds a `gpu` slot, as in learn
+            metrics = run_benchmark(single, show_progress=False)
         mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten("", {
             "method": method, "config": metrics["config"], "dataset": params.dataset,
             "protocol": metrics["protocol"], "backbone": params.backbone, "seed": params.seed}).items()})

@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +34,7 @@ from models.streams import LabelledDataset, Stream, stream_from_batches
 from tasks import registry, tracking
 from tasks.artifacts import TrainingProgress, accuracy_table, increment_summary
 from tasks.data import materialise
+from tasks.deployments import GPU_LIMIT
 from tasks.feature_cache import DiskFeatureCache
 from tasks.increments import (
     LearnedTask,
@@ -103,8 +105,13 @@ def materialise_version(settings: StrataSettings, batch_id: str) -> LabelledData
 
 @task(name="train", cache_policy=NONE)
 def train(method: Method, stream: Stream, engine: Engine) -> list[float]:
-    """Learn the stream's newest task (never retried: a failure here is a bug or bad data)."""
-    return method.learn(stream.tasks[-1], engine)
+    """Learn the stream's newest task (never retried: a failure here is a bug or bad data).
+
+    Holds a slot of the ``gpu`` global concurrency limit (``strata deploy --gpu-slots``) while training,
+    so scheduled and triggered runs of different learners share the accelerators; no limit, no wait.
+    """
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        return method.learn(stream.tasks[-1], engine)
 
 
 @task(name="evaluate", cache_policy=NONE)
