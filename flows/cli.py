@@ -120,21 +120,29 @@ def compare(
     backbone: Annotated[str, typer.Option(help="tiny (random-init) or a timm ViT name")] = "tiny",
     weights: Annotated[Path | None, typer.Option(help="local backbone weights")] = None,
     seed: Annotated[int, typer.Option(help="class-order and training seed")] = 1993,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds to run every method with "
+                                              "[default: --seed]")] = None,
     epochs: Annotated[int | None, typer.Option(help="override every method's epochs per task")] = None,
-    out: Annotated[Path, typer.Option(help="output folder (one sub-folder per method)")] = Path("runs/compare"),
+    dask_address: Annotated[str | None, typer.Option(help="fan the runs out over this Dask scheduler "
+                                                     "(tcp://host:8786)")] = None,
+    dask_workers: Annotated[int, typer.Option(min=0, help="or over a local Dask cluster of N worker processes "
+                                              "[default: 0, one run at a time]")] = 0,
+    out: Annotated[Path, typer.Option(help="output folder (METHOD/seed-SEED sub-folders)")] = Path("runs/compare"),
     workspace: WorkspaceOption = None,
 ) -> None:
-    """The benchmark flow: several methods on the same stream, one MLflow run each, a comparison table."""
+    """The benchmark flow: methods × seeds on the same stream, one MLflow run each, a comparison table."""
     from flows.compare import CompareParams
     from flows.compare import compare as compare_flow
 
     rows = compare_flow(CompareParams(methods=[m.strip() for m in methods.split(",") if m.strip()], dataset=dataset,
                                       base=base, increment=increment, backbone=backbone,
-                                      weights=str(weights) if weights else None, seed=seed, epochs=epochs, out=out,
+                                      weights=str(weights) if weights else None, seed=seed,
+                                      seeds=_int_list(seeds, "--seeds") if seeds else None,
+                                      epochs=epochs, dask_address=dask_address, dask_workers=dask_workers, out=out,
                                       workspace=str(workspace) if workspace else None))
     table = Table(title=f"{dataset} B{base}-Inc{increment} on {backbone}")
     for column in rows[0]:
-        table.add_column(column, justify="right")
+        table.add_column(column.replace("_", " "), justify="right", no_wrap=column == "method")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
@@ -484,6 +492,13 @@ def _json_option(text: str | None) -> dict:
     if not isinstance(value, dict):
         raise typer.BadParameter("--config must be a JSON object")
     return value
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, not {text!r}") from exc
 
 
 def _pct(value: float) -> str:

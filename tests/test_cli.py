@@ -97,3 +97,23 @@ def test_compare_flow_runs_methods_on_one_stream_with_one_mlflow_run_each(tmp_pa
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["strata.method"] for r in runs) == ["finetune_head", "simplecil"]
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "accuracy")) == [0, 1, 2]
+
+
+def test_compare_fans_out_over_a_dask_local_cluster_with_the_sequential_metrics(tmp_path, prefect_server):
+    """Methods × seeds on 2 Dask worker processes give exactly the sequential run's accuracy matrices."""
+    from flows.compare import CompareParams, compare
+
+    common = dict(methods=["simplecil", "finetune_head"], seeds=[1993, 7], dataset="synthetic:6", epochs=1,
+                  workspace=str(tmp_path))
+    sequential = compare(CompareParams(out=tmp_path / "sequential", **common))
+    fanned_out = compare(CompareParams(out=tmp_path / "dask", dask_workers=2, **common))
+    assert [(r["method"], r["seed"]) for r in fanned_out] == [("simplecil", 1993), ("simplecil", 7),
+                                                              ("finetune_head", 1993), ("finetune_head", 7)]
+    assert fanned_out == sequential
+    for method in common["methods"]:
+        for seed in common["seeds"]:
+            ours = json.loads((tmp_path / "dask" / method / f"seed-{seed}" / "metrics.json").read_text())
+            theirs = json.loads((tmp_path / "sequential" / method / f"seed-{seed}" / "metrics.json").read_text())
+            assert ours["accuracy_matrix"] == theirs["accuracy_matrix"] and ours["class_order"] == theirs["class_order"]
+            flat = [loss for task in theirs["train_losses"] for loss in task]
+            assert [loss for task in ours["train_losses"] for loss in task] == pytest.approx(flat, rel=1e-5)
