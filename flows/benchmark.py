@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.backbones import build_backbone
-from models.engine import Engine, seed_everything
+from models.engine import Engine, init_distributed, is_main_process, seed_everything
 from models.evaluation import evaluate
 from models.methods import create_method, method_config
 from models.metrics import accuracy_matrix, confusion_matrix, summarize
@@ -49,7 +49,11 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
 
     Returns the metrics written to ``out/metrics.json``. ``on_task(t, summary_so_far)`` is called
     after each task (the CLI prints a table row from it).
+
+    Under ``torchrun --nproc_per_node N`` every process runs this, training data-parallel (see
+    ``models.engine``); only rank 0 reports and writes.
     """
+    init_distributed()
     seed_everything(params.seed)
     overrides = dict(params.overrides)
     if params.epochs is not None:
@@ -59,7 +63,7 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
     stream = split_by_classes(dataset, params.base, params.increment, params.class_order, params.seed)
     backbone = build_backbone(params.backbone, params.weights)
     method = create_method(params.method, backbone, config=config)
-    engine = Engine(params.device, seed=params.seed, show_progress=show_progress)
+    engine = Engine(params.device, seed=params.seed, show_progress=show_progress and is_main_process())
 
     rows, losses, times = [], [], []
     for task in stream:
@@ -68,7 +72,7 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
         result = evaluate(method, stream.tasks[: task.index + 1], engine)
         times.append(time.perf_counter() - started)
         rows.append(result.accuracies)
-        if on_task is not None:
+        if on_task is not None and is_main_process():
             on_task(task.index, summarize(accuracy_matrix(rows), _sizes(stream, task.index)))
 
     metrics = summarize(accuracy_matrix(rows), _sizes(stream, len(stream) - 1))
@@ -86,7 +90,8 @@ def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
         task_seconds=times,
         confusion_matrix=confusion_matrix(result.labels, result.predictions, method.num_seen).tolist(),
     )
-    write_report(params.out, metrics, f"{method.name} on {dataset.name} B{params.base}-Inc{params.increment}")
+    if is_main_process():
+        write_report(params.out, metrics, f"{method.name} on {dataset.name} B{params.base}-Inc{params.increment}")
     return metrics
 
 

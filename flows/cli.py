@@ -15,6 +15,7 @@ from rich.table import Table
 from flows.demo import DemoError
 from flows.profiles import UnknownProfileError
 from models.backbones import TINY_BACKBONES, BackboneError
+from models.engine import is_main_process
 from models.methods import StateError, UnknownMethodError, available_methods, method_entry
 from models.streams import StreamError
 from tasks.data import DataVersionError
@@ -104,6 +105,8 @@ def benchmark(
         console.print(f"task {t + 1}: A_t {_pct(summary['accuracy'][t])}")
 
     metrics = run_benchmark(params, on_task=add_row, show_progress=not quiet)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return
     console.print(table)
     console.print(f"final A {_pct(metrics['final_accuracy'])} · Ā {_pct(metrics['average_incremental_accuracy'])}"
                   f" · forgetting {_pct(metrics['final_forgetting'])} → {out}/metrics.json, "
@@ -340,6 +343,8 @@ def learn(
     floor: Annotated[float, typer.Option(help="minimum A_t for a champion")] = 0.0,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda … [default: cuda if available]")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="data-parallel training processes per increment (one per "
+                                           "GPU; gloo on CPU)")] = 1,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Learn every data version the learner has not learned yet (one increment each)."""
@@ -350,7 +355,7 @@ def learn(
     result = learn_flow(LearnParams(
         learner=learner, method=method, backbone=backbone, weights=str(weights) if weights else None,
         config=_json_option(config), gate=GateConfig(old_accuracy_budget=budget, accuracy_floor=floor), seed=seed,
-        device=device, workspace=str(workspace) if workspace else None))
+        device=device, processes=processes, workspace=str(workspace) if workspace else None))
     if not result["learned"]:
         console.print(f"learner {learner!r} has nothing new to learn ({result['tasks']} tasks learned)")
     for item in result["learned"]:

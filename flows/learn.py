@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from tasks import registry, tracking
 from tasks.artifacts import TrainingProgress, accuracy_table, increment_summary
 from tasks.data import materialise
 from tasks.deployments import GPU_LIMIT
+from tasks.distributed import TrainJob, train_on_processes
 from tasks.feature_cache import DiskFeatureCache
 from tasks.increments import (
     LearnedTask,
@@ -68,6 +70,8 @@ class LearnParams(BaseModel):
     gate: registry.GateConfig = registry.GateConfig()
     seed: int = 0
     device: str | None = None
+    processes: int = Field(1, ge=1, description="training processes per increment, data-parallel: one per GPU "
+                           "(NCCL), or gloo on CPU; each holds a slot of the `gpu` concurrency limit")
     workspace: str | None = Field(None, description="workspace root; default: the one containing the cwd")
     lease_minutes: int = Field(120, gt=0, description="lease length; a crashed run's lease expires after it")
     show_progress: bool = True
@@ -104,14 +108,26 @@ def materialise_version(settings: StrataSettings, batch_id: str) -> LabelledData
 
 
 @task(name="train", cache_policy=NONE)
-def train(method: Method, stream: Stream, engine: Engine) -> list[float]:
+def train(run: Learning, stream: Stream) -> list[float]:
     """Learn the stream's newest task (never retried: a failure here is a bug or bad data).
 
-    Holds a slot of the ``gpu`` global concurrency limit (``strata deploy --gpu-slots``) while training,
-    so scheduled and triggered runs of different learners share the accelerators; no limit, no wait.
+    Holds one slot of the ``gpu`` global concurrency limit (``strata deploy --gpu-slots``) per training
+    process, so scheduled and triggered runs of different learners share the accelerators; no limit, no
+    wait. With ``processes`` > 1 the task is trained data-parallel by that many processes
+    (``tasks.distributed``) and the flow goes on from the state they wrote.
     """
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        return method.learn(stream.tasks[-1], engine)
+    processes = run.params.processes
+    with concurrency(GPU_LIMIT, occupy=processes, strict=False):
+        if processes == 1:
+            return run.method.learn(stream.tasks[-1], run.engine)
+        with tempfile.TemporaryDirectory(prefix="strata-trained-") as scratch:
+            job = TrainJob(task=stream.tasks[-1], method=run.method.name, backbone=run.method.backbone.info.name,
+                           out=scratch, weights=run.params.weights, config=run.method.config.model_dump(mode="json"),
+                           state=run.history[-1].checkpoint_uri if run.history else None, seed=run.params.seed,
+                           device=run.engine.device.type, feature_cache=str(run.engine.feature_cache.folder))
+            run.method, losses = train_on_processes(job, processes)
+        run.method.to(run.engine.device)
+        return losses
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -199,7 +215,7 @@ def learn_increment(run: Learning, version: PendingVersion) -> dict[str, Any]:
     increment_id = start_increment(db, run.learner_id, new.index, version.id)
     try:
         run.engine.on_epoch_end = TrainingProgress(run.learner, new.index)
-        losses = train(run.method, stream, run.engine)
+        losses = train(run, stream)
         row = evaluate_seen(run.method, stream, run.engine)
         sizes = [len(t.test) for t in stream.tasks]
         summary = summarize(accuracy_matrix([t.metrics["row"] for t in run.history] + [row]), np.array(sizes))

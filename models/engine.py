@@ -6,6 +6,15 @@ freeze schedule), which batches an epoch sees (OVOR's cached-feature VOR epochs)
 each optimizer step (LAE's EMA). The engine owns the optimizer, the schedule, batching, bf16
 autocast on GPU and progress reporting.
 
+Data-parallel training: when ``torch.distributed`` is initialised (``torchrun`` starts the processes and
+``init_distributed`` joins them), every process trains on its share of each global batch and the
+gradients are averaged across processes before each optimizer step, weighted by the samples each
+process saw. That is the step one process would take on the whole global batch, so N processes end
+with the parameters of one (up to float summation order). DistributedDataParallel itself is not used:
+a method's loss is not one module's forward, so the engine does DDP's all-reduce itself, once per step
+over one flattened buffer. The global batch is split by one sampler (``GlobalBatchSampler``) that also
+serves the single-process case.
+
 Frozen-feature extraction (``Engine.extract``) can be served from a :class:`FeatureCache` when the
 caller gives a content key (see ``Method.feature_cache_key``): the engine adds what else decides the
 result (device, batch size and, for random transforms, the seed, the workers and torch's RNG state) and
@@ -17,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -26,8 +36,9 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -69,6 +80,7 @@ class TrainingHooks:
         raise NotImplementedError
 
     def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's loss, a mean over its samples (data-parallel averaging relies on it)."""
         raise NotImplementedError
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -133,7 +145,79 @@ class FeatureCache(Protocol):
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
+    return torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the data-parallel group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes reports and checkpoints (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU).
+
+    Returns whether this process is one of several; without ``WORLD_SIZE`` > 1 it does nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Indices of this process's share of every global batch of one epoch.
+
+    One seeded permutation per epoch, cut into global batches of ``batch_size``; each global batch is cut
+    into ``world_size`` contiguous shares, the first ones one larger when it does not divide evenly. With
+    one process it is the whole batch, so one sampler serves both cases and N processes see exactly the
+    samples one process sees. A last global batch smaller than the number of processes is dropped when
+    there are several (a process with nothing would stall the all-reduce), as is any partial batch with
+    ``drop_last``.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = False):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def local_batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        batches = []
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if len(batch) < self.batch_size and (self.drop_last or len(batch) < self.world_size):
+                break
+            share, extra = divmod(len(batch), self.world_size)
+            first = self.rank * share + min(self.rank, extra)
+            batches.append(batch[first:first + share + (self.rank < extra)])
+        return batches
+
+    def __iter__(self):
+        return iter(self.local_batches())
+
+    def __len__(self) -> int:
+        return len(self.local_batches())
 
 
 class Engine:
@@ -159,6 +243,14 @@ class Engine:
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=self.num_workers > 0)
 
+    def training_loader(self, dataset: Dataset, config: TrainConfig, seed_offset: int) -> DataLoader:
+        """This process's share of each global batch (all of it with one process), reshuffled per epoch."""
+        rank, size = world()
+        sampler = GlobalBatchSampler(len(dataset), config.batch_size, self.seed + seed_offset, rank, size,
+                                     shuffle=True, drop_last=config.drop_last)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+
     def autocast(self, enabled: bool = True):
         if enabled and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -171,8 +263,7 @@ class Engine:
             return []
         optimizer = make_optimizer(params, config.optimizer)
         opt = config.optimizer
-        loader = self.loader(dataset, config.batch_size, shuffle=True, drop_last=config.drop_last,
-                             seed_offset=task_index)
+        loader = self.training_loader(dataset, config, seed_offset=task_index)
         if isinstance(hooks, nn.Module):
             hooks.train()
         losses = []
@@ -181,6 +272,7 @@ class Engine:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             hooks.on_epoch_start(epoch)
+            loader.batch_sampler.set_epoch(epoch)
             total, count = 0.0, 0
             batches = hooks.epoch_batches(epoch, loader)
             bar = tqdm(batches, desc=f"task {task_index} epoch {epoch + 1}/{config.epochs}", leave=False,
@@ -191,6 +283,7 @@ class Engine:
                     loss = hooks.training_loss(inputs, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(params, len(labels))
                 optimizer.step()
                 hooks.on_optimizer_step()
                 total += float(loss.detach()) * len(labels)
@@ -263,6 +356,24 @@ class Engine:
         if random_transform:
             torch.set_rng_state(rng_after)
         return features.float(), labels.long()
+
+
+def average_gradients(params: list[nn.Parameter], count: int) -> None:
+    """Replace each process's mean-loss gradients by the global batch's: Σ_r n_r·g_r / Σ_r n_r.
+
+    One all-reduce of one flat buffer per step. Parameters without a gradient (frozen this epoch on
+    every process alike) are left without one, so the optimizer skips them as it would with one process.
+    """
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) * count for g in grads] + [grads[0].new_tensor([float(count)])]
+                     if grads else [torch.tensor([float(count)])])
+    dist.all_reduce(flat)
+    offset, total = 0, flat[-1]
+    for grad in grads:
+        grad.copy_((flat[offset:offset + grad.numel()] / total).view_as(grad))
+        offset += grad.numel()
 
 
 def _length(batches: Iterable) -> int | None:

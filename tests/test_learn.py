@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from flows.learn import LearnParams, learn
@@ -290,3 +291,19 @@ def test_export_a_registered_version_and_serve_the_champion(tmp_path, prefect_se
     assert moved.version == "2" and (moved.directory / "model.onnx").is_file()
     with pytest.raises(Exception, match="no version 7"):
         export(ExportParams(learner="digits", version="7", workspace=str(settings.workspace)))
+
+
+def test_an_increment_trains_on_two_processes_and_the_flow_goes_on_from_their_state(tmp_path, prefect_server,
+                                                                                      digit_batches):
+    settings = _workspace(tmp_path, digit_batches[:2])
+    result = _learn(settings, gate=LENIENT, method="finetune_head", processes=2,
+                    config={"train": {"epochs": 1, "batch_size": 16}})
+    assert len(result["learned"]) == 2
+    rows, _ = _ledger(settings)
+    assert rows == [(0, "succeeded", "1"), (1, "succeeded", "2")]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(settings.state_dir / "increments" / "digits" / f"task-{t:03d}" / "state" /
+                                   "state.safetensors")) for t in (0, 1))
+    shared = sorted(set(first) & set(second))
+    assert shared and any(not torch.equal(first[k], second[k]) for k in shared), "task 1 changed nothing"
