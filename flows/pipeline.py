@@ -1,4 +1,4 @@
-"""The stream and report stages of the root DVC pipeline (``dvc.yaml``); the benchmark stage is ``strata benchmark``.
+"""The stream and report stages of the root DVC pipeline (``dvc.yaml``); the benchmark stage is the ``benchmark`` flow.
 
 ``python -m flows.pipeline stream`` writes the task split the benchmark will run (so a change of
 dataset, protocol or class order shows in ``dvc status`` as a changed stream), and ``python -m
@@ -31,8 +31,9 @@ def stream(params: dict) -> Path:
     return path
 
 
-def report() -> Path:
-    metrics = json.loads((OUT / "metrics.json").read_text())
+def report(params: dict) -> Path:
+    """The per-task table of the run the benchmark stage wrote (``OUT/<method>/seed-<seed>``, as the flow lays out)."""
+    metrics = json.loads((OUT / params["method"] / f"seed-{params['seed']}" / "metrics.json").read_text())
     rows = [{"task": t + 1, "accuracy": round(100 * a, 2), "task_averaged": round(100 * m, 2)}
             for t, (a, m) in enumerate(zip(metrics["accuracy"], metrics["task_averaged_accuracy"], strict=True))]
     path = OUT / "accuracy_per_task.json"
@@ -45,6 +46,6 @@ if __name__ == "__main__":
     if stage == "stream":
         print(stream(yaml.safe_load(Path("params.yaml").read_text())["benchmark"]))
     elif stage == "report":
-        print(report())
+        print(report(yaml.safe_load(Path("params.yaml").read_text())["benchmark"]))
     else:
         sys.exit("usage: python -m flows.pipeline stream|report")

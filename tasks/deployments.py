@@ -196,11 +196,10 @@ def apply_to_pool(declared: list[Declared], pool: str | None) -> list[str]:
     (module entrypoints need none) and without its worker look-up, which 3.8.8's sync client sends
     malformed.
     """
-    ids = []
-    for item in declared:
-        name = pool or item.pool.get("name")
+    pools = [pool or item.pool.get("name") for item in declared]
+    for item, name in zip(declared, pools, strict=True):
         if not name:
-            raise DeploymentError(f"deployment {item.name!r} names no work pool; pass --pool")
+            raise DeploymentError(f"deployment {item.full_name!r} names no work pool; pass --pool")
+    for name in dict.fromkeys(pools):
         ensure_pool(name)
-        ids.append(str(runner_deployment(item).apply(work_pool_name=name)))
-    return ids
+    return [str(runner_deployment(item).apply(work_pool_name=name)) for item, name in zip(declared, pools, strict=True)]
