@@ -367,8 +367,8 @@ LearnersOption = Annotated[list[str] | None, typer.Option("--learner", help="a l
                                                          "(repeatable) [default: every learner of the workspace]")]
 PrefectFileOption = Annotated[Path | None, typer.Option(help="deployments file [default: the workspace's "
                                                         "prefect.yaml, else Strata's own]")]
-GpuSlotsOption = Annotated[int, typer.Option(min=1, help="slots of the `gpu` concurrency limit: training steps "
-                                             "that may run at once")]
+GpuSlotsOption = Annotated[int | None, typer.Option(min=1, help="slots of the `gpu` concurrency limit: training "
+                                                    "processes at once [default: keep it, or 1 when missing]")]
 
 
 @app.command()
@@ -376,7 +376,7 @@ GpuSlotsOption = Annotated[int, typer.Option(min=1, help="slots of the `gpu` con
 def deploy(learner: LearnersOption = None,
            pool: Annotated[str | None, typer.Option(help="work pool for every deployment [default: the one "
                                                     "prefect.yaml names, `strata`; created if missing]")] = None,
-           gpu_slots: GpuSlotsOption = 1, prefect_file: PrefectFileOption = None,
+           gpu_slots: GpuSlotsOption = None, prefect_file: PrefectFileOption = None,
            workspace: WorkspaceOption = None) -> None:
     """Create or update the prefect.yaml deployments on the Prefect API (PREFECT_API_URL).
 
@@ -402,7 +402,7 @@ def worker(pool: Annotated[str, typer.Option(help="work pool to take runs from")
 
 @app.command("serve-flows")
 @user_errors
-def serve_flows(learner: LearnersOption = None, gpu_slots: GpuSlotsOption = 1,
+def serve_flows(learner: LearnersOption = None, gpu_slots: GpuSlotsOption = None,
                 limit: Annotated[int | None, typer.Option(help="most flow runs at once")] = None,
                 prefect_file: PrefectFileOption = None, workspace: WorkspaceOption = None) -> None:
     """Serve the prefect.yaml deployments from this one process: schedules and triggers, no work pool."""

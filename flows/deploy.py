@@ -48,11 +48,11 @@ def _require_api() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise DeploymentError("no Prefect API configured: start one (`prefect server start --host 127.0.0.1`) and "
-                              "set PREFECT_API_URL=http://127.0.0.1:4200/api, or use `strata serve-flows`")
+        raise DeploymentError("no Prefect API configured: start a server (`prefect server start --host 127.0.0.1`) "
+                              "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
-def deploy(learners: list[str] | None = None, pool: str | None = None, gpu_slots: int = 1,
+def deploy(learners: list[str] | None = None, pool: str | None = None, gpu_slots: int | None = None,
            workspace: Path | None = None, prefect_file: Path | None = None) -> list[str]:
     """Create or update every declared deployment; returns their ``flow/deployment`` names."""
     _require_api()
@@ -62,14 +62,17 @@ def deploy(learners: list[str] | None = None, pool: str | None = None, gpu_slots
     return [d.full_name for d in declared]
 
 
-def serve_flows(learners: list[str] | None = None, gpu_slots: int = 1, workspace: Path | None = None,
+def serve_flows(learners: list[str] | None = None, gpu_slots: int | None = None, workspace: Path | None = None,
                 prefect_file: Path | None = None, limit: int | None = None) -> None:
     """Serve every declared deployment from this process (schedules and triggers included) until stopped.
 
     Runs start in the workspace: the process changes into it first, since served runs inherit its cwd.
+    A Prefect server must be running: the UI, and the events that trigger runs, need one that outlives
+    this process.
     """
     from prefect import serve
 
+    _require_api()
     settings = load_settings(workspace or find_workspace())
     declared = declared_deployments(learners, settings, prefect_file)
     os.chdir(settings.workspace)

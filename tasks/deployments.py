@@ -36,7 +36,6 @@ class Declared:
     """One rendered entry of ``prefect.yaml``: ``flow_name/name`` on the Prefect API."""
 
     spec: dict[str, Any]
-    learner: str | None
 
     @property
     def name(self) -> str:
@@ -104,7 +103,7 @@ def declare(entries: list[dict[str, Any]], learners: list[str], workspace: Path)
     for entry in entries:
         for learner in (learners if per_learner(entry) else [None]):
             values = {WORKSPACE_VAR: str(workspace)} | ({LEARNER_VAR: learner} if learner else {})
-            declared.append(Declared(render(entry, values), learner))
+            declared.append(Declared(render(entry, values)))
     return declared
 
 
@@ -171,21 +170,25 @@ def ensure_pool(name: str, pool_type: str = "process") -> bool:
             return True
 
 
-def ensure_limit(name: str, slots: int) -> None:
-    """Create or resize the global concurrency limit ``name`` (e.g. ``gpu``: training steps at once)."""
+def ensure_limit(name: str, slots: int | None) -> None:
+    """Create the global concurrency limit ``name`` (e.g. ``gpu``: training processes at once), or resize it.
+
+    ``slots`` None keeps an existing limit as it is (it may have been set in the UI) and creates a
+    missing one with a single slot.
+    """
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
 
-    if slots < 1:
+    if slots is not None and slots < 1:
         raise DeploymentError(f"a concurrency limit needs at least one slot, not {slots}")
     with get_client(sync_client=True) as client:
         try:
             current = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots or 1))
             return
-        if current.limit != slots or not current.active:
+        if slots is not None and (current.limit != slots or not current.active):
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots, active=True))
 
 

@@ -171,6 +171,12 @@ def _finished_runs(url: str, deployment_id: str, count: int, logs: list[Path]) -
     return runs
 
 
+def _limits(url: str) -> dict[str, int]:
+    """The global concurrency limits by name."""
+    limits = httpx.post(f"{url}/v2/concurrency_limits/filter", json={}, timeout=10).json()
+    return {c["name"]: c["limit"] for c in limits}
+
+
 def _state_names(url: str, run: dict) -> list[str]:
     states = httpx.get(f"{url}/flow_run_states/", params={"flow_run_id": run["id"]}, timeout=10).json()
     return [s["name"] for s in sorted(states, key=lambda s: s["timestamp"])]
@@ -192,8 +198,7 @@ def test_deploy_worker_and_ingest_events_run_learn_one_run_per_learner_at_a_time
     api = _env(PREFECT_API_URL=prefect_api)
     deployed = _strata(["deploy", "--gpu-slots", "2"], workspace, api)
     assert "learn/digits" in deployed and "benchmark/manual" in deployed and "export/manual" in deployed
-    limit = httpx.post(f"{prefect_api}/v2/concurrency_limits/filter", json={}, timeout=10).json()
-    assert {(c["name"], c["limit"]) for c in limit} >= {("gpu", 2)}
+    assert _limits(prefect_api)["gpu"] == 2
     learn_id = _deployment_id(prefect_api, "learn/digits")
     deployment = httpx.get(f"{prefect_api}/deployments/{learn_id}", timeout=10).json()
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
@@ -228,6 +233,7 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
     text = (workspace / "prefect.yaml").read_text().replace('cron: "0 2 * * *"', 'cron: "30 3 * * *"')
     (workspace / "prefect.yaml").write_text(text)
     api = _env(PREFECT_API_URL=prefect_api)
+    gpu_slots = _limits(prefect_api).get("gpu")  # without --gpu-slots, an existing limit is kept as it is
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         server = subprocess.Popen([*STRATA, "serve-flows", "--learner", "served"], cwd=workspace, env=api,
@@ -243,6 +249,7 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
         _stop(server)
     deployment = httpx.get(f"{prefect_api}/deployments/{learn_id}", timeout=10).json()
     assert deployment["schedules"][0]["schedule"]["cron"] == "30 3 * * *"
+    assert _limits(prefect_api)["gpu"] == (gpu_slots or 1)
     assert _ledger_tasks(workspace, "served") == [(0, "succeeded"), (1, "succeeded")]
     assert json.loads(json.dumps(deployment["parameters"])) == {"params": {"learner": "served",
                                                                            "show_progress": False}}
