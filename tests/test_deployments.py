@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,23 +70,31 @@ def test_declarations_refuse_unknown_placeholders_and_missing_pieces(tmp_path):
 # a real Prefect server process and the CLI against it
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """``prefect server start`` on a free loopback port with its own SQLite database; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
+@contextmanager
+def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port (SQLite in ``home``, or ``database_url``); its API URL."""
     env = _env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    port = free_port()
     log = (home / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait(lambda: _healthy(url), 90, f"the Prefect server did not start: {(home / 'server.log').read_text()}")
+        _wait(lambda: _healthy(url), 120,
+              lambda: f"the Prefect server did not start: {(home / 'server.log').read_text()}")
         yield url
     finally:
         _stop(server)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server process on SQLite for this module's end-to-end tests."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -253,3 +263,27 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
     assert _ledger_tasks(workspace, "served") == [(0, "succeeded"), (1, "succeeded")]
     assert json.loads(json.dumps(deployment["parameters"])) == {"params": {"learner": "served",
                                                                            "show_progress": False}}
+
+
+def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run(tmp_path, digit_batches):
+    """The scale-out store: the same deploy and event against a Prefect server on PostgreSQL (no worker)."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True,
+                                connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
+    database = f"strata_prefect_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{database}"')
+    workspace = _workspace(tmp_path, digit_batches[:1], "digits")
+    try:
+        with prefect_server(tmp_path, f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}") as url:
+            _strata(["deploy", "--pool", "pg-pool"], workspace, _env(PREFECT_API_URL=url))
+            learn_id = _deployment_id(url, "learn/digits")
+            assert httpx.get(f"{url}/work_pools/pg-pool", timeout=10).json()["type"] == "process"
+            _post_ingested(url, "digits", "batch-1")
+            _wait(lambda: any(not r["auto_scheduled"] for r in _runs(url, learn_id)), 60,
+                  "the event did not trigger a learn run")
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
