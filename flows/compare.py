@@ -18,14 +18,13 @@ import mlflow
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.concurrency.sync import concurrency
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.benchmark import BenchmarkParams, run_benchmark
 from tasks import tracking
 from tasks.artifacts import artifact_key
-from tasks.deployments import GPU_LIMIT
+from tasks.deployments import gpu_slots
 from tasks.reports import CURVE_FILE, MATRIX_FILE, METRICS_FILE
 from tasks.settings import StrataSettings, load_settings
 
@@ -63,7 +62,7 @@ def benchmark_method(params: CompareParams, method: str, seed: int, settings: St
     tracking.configure(settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{method} seed {seed}",
                           tags={"strata.method": method, "strata.seed": str(seed)}):
-        with concurrency(GPU_LIMIT, occupy=1, strict=False):  # training holds a `gpu` slot, as in learn
+        with gpu_slots():  # training holds a `gpu` slot, as in learn
             metrics = run_benchmark(single, show_progress=False)
         mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten("", {
             "method": method, "config": metrics["config"], "dataset": params.dataset,

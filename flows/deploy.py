@@ -68,7 +68,8 @@ def serve_flows(learners: list[str] | None = None, gpu_slots: int | None = None,
 
     Runs start in the workspace: the process changes into it first, since served runs inherit its cwd.
     A Prefect server must be running: the UI, and the events that trigger runs, need one that outlives
-    this process.
+    this process. On shutdown Prefect pauses the deployments, so no runs pile up for a runner that is
+    gone; the next ``serve_flows`` (or ``deploy``) unpauses them.
     """
     from prefect import serve
 
@@ -77,7 +78,7 @@ def serve_flows(learners: list[str] | None = None, gpu_slots: int | None = None,
     declared = declared_deployments(learners, settings, prefect_file)
     os.chdir(settings.workspace)
     ensure_limit(GPU_LIMIT, gpu_slots)
-    serve(*(runner_deployment(d, served=True) for d in declared), limit=limit, pause_on_shutdown=False)
+    serve(*(runner_deployment(d, served=True) for d in declared), limit=limit)
 
 
 def worker(pool: str = DEFAULT_POOL, limit: int | None = None) -> None:

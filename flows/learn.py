@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +34,7 @@ from models.streams import LabelledDataset, Stream, stream_from_batches
 from tasks import registry, tracking
 from tasks.artifacts import TrainingProgress, accuracy_table, increment_summary
 from tasks.data import materialise
-from tasks.deployments import GPU_LIMIT
+from tasks.deployments import gpu_slots
 from tasks.distributed import TrainJob, train_on_processes
 from tasks.feature_cache import DiskFeatureCache
 from tasks.increments import (
@@ -117,7 +116,7 @@ def train(run: Learning, stream: Stream) -> list[float]:
     (``tasks.distributed``) and the flow goes on from the state they wrote.
     """
     processes = run.params.processes
-    with concurrency(GPU_LIMIT, occupy=processes, strict=False):
+    with gpu_slots(processes):
         if processes == 1:
             return run.method.learn(stream.tasks[-1], run.engine)
         with tempfile.TemporaryDirectory(prefix="strata-trained-") as scratch:

@@ -14,6 +14,8 @@ nothing is pulled or baked into an image.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +192,24 @@ def ensure_limit(name: str, slots: int | None) -> None:
             return
         if slots is not None and (current.limit != slots or not current.active):
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots, active=True))
+
+
+@contextmanager
+def gpu_slots(count: int = 1) -> Iterator[None]:
+    """Hold ``count`` slots of the ``gpu`` global concurrency limit while training; no limit, no wait.
+
+    A limit smaller than ``count`` could never be satisfied: that is an error saying how to raise it.
+    """
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(GPU_LIMIT, occupy=count, strict=False))
+        except ConcurrencySlotAcquisitionError as exc:
+            raise DeploymentError(f"{count} training processes need {count} slots of the `{GPU_LIMIT}` concurrency "
+                                  f"limit ({exc}); raise it: strata deploy --gpu-slots {count}") from exc
+        yield
 
 
 def apply_to_pool(declared: list[Declared], pool: str | None) -> list[str]:

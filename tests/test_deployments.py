@@ -287,3 +287,23 @@ def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
+
+
+def test_more_training_processes_than_gpu_slots_is_a_clear_error(prefect_server):
+    from prefect import flow, get_client
+
+    from tasks.deployments import GPU_LIMIT, ensure_limit, gpu_slots
+
+    @flow
+    def hold(count: int) -> str:
+        with gpu_slots(count):
+            return "held"
+
+    ensure_limit(GPU_LIMIT, 1)
+    try:
+        assert hold(1) == "held"
+        with pytest.raises(DeploymentError, match="2 slots of the `gpu` concurrency limit.*--gpu-slots 2"):
+            hold(2)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
