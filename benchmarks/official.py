@@ -1,69 +1,130 @@
-"""Hook for timing the official code on the same machine: ``STRATA_OFFICIAL_<METHOD>=/path/to/checkout``.
+"""Times each method's official code on the same machine and config as Strata: ``STRATA_OFFICIAL_<CODEBASE>``.
 
-The official code is never part of this repository; the benchmark imports it from the path given, with
-``.cuda()`` patched to a no-op when no GPU is visible (all three hard-code it). A method whose path is
-not given is skipped with a message saying which variable to set. Their pinned dependencies (timm 0.5.4
-with Lightning Fabric for LAE, timm 0.6.12 for RevisitingCIL, timm 0.4.12 for OVOR) are reported when
-the import fails in this environment instead of being worked around.
+The official code is never part of this repository. ``STRATA_OFFICIAL_LAE``, ``STRATA_OFFICIAL_APER`` and
+``STRATA_OFFICIAL_OVOR`` name checkouts of gqk/LAE, zhoudw-zdw/RevisitingCIL and jpmorganchase/ovor; a
+method whose variable is unset is skipped with a message saying what to set. Each code base pins an older
+timm (and a few packages of its time) than Strata's, so its driver (``benchmarks/official_drivers/``) runs
+in a separate interpreter, this one's, with those pins installed once into a package overlay
+(``pip install --no-deps --target``, kept under ``$STRATA_OFFICIAL_PACKAGES`` or
+``~/.cache/strata/official-packages``) in front of ``sys.path``. The drivers run one code base's own model,
+optimizer and training step on the same synthetic batches as Strata's benchmark and print one JSON line;
+the ratio Strata / official is the figure.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
+import json
 import os
+import shutil
+import subprocess
 import sys
-from contextlib import contextmanager
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-# method prefix → (environment variable, repository, entry module imported from the checkout)
-OFFICIAL = {
-    "lae": ("STRATA_OFFICIAL_LAE", "gqk/LAE", "main"),
-    "aper": ("STRATA_OFFICIAL_APER", "zhoudw-zdw/RevisitingCIL", "trainer"),
-    "simplecil": ("STRATA_OFFICIAL_APER", "zhoudw-zdw/RevisitingCIL", "trainer"),
-    "ovor": ("STRATA_OFFICIAL_OVOR", "jpmorganchase/ovor", "trainer"),
+from benchmarks import common
+from benchmarks.official_drivers.official_runtime import CONFIGS
+
+DRIVERS = Path(__file__).with_name("official_drivers")
+
+
+@dataclass(frozen=True)
+class Codebase:
+    variable: str
+    repository: str
+    driver: str
+    packages: tuple[str, ...]  # the code base's pins that differ from Strata's environment, installed without deps
+
+
+CODEBASES = {
+    "lae": Codebase("STRATA_OFFICIAL_LAE", "gqk/LAE", "official_lae.py",
+                    ("timm==0.5.4", "torchmetrics==0.10.2", "absl-py==1.3.0", "torchinfo==1.7.1")),
+    "aper": Codebase("STRATA_OFFICIAL_APER", "zhoudw-zdw/RevisitingCIL", "official_aper.py",
+                     ("timm==0.6.12", "easydict==1.14")),
+    "ovor": Codebase("STRATA_OFFICIAL_OVOR", "jpmorganchase/ovor", "official_ovor.py",
+                     ("timm==0.4.12", "faiss-cpu==1.15.1")),
 }
 
 
-@contextmanager
-def cuda_on_cpu():
-    """``Tensor.cuda()`` and ``Module.cuda()`` return their receiver unchanged while no GPU is visible."""
-    if torch.cuda.is_available():
-        yield
-        return
-    saved = torch.Tensor.cuda, torch.nn.Module.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+def codebase_of(method: str) -> str | None:
+    """Which official code base implements ``method`` (Strata's registry name)."""
+    if method.startswith("lae_"):
+        return "lae"
+    if method == "simplecil" or method.startswith("aper_"):
+        return "aper"
+    return "ovor" if method == "ovor" else None
+
+
+def overlay_folder(codebase: Codebase) -> Path:
+    """Where the code base's pinned packages live; the name changes with the pins."""
+    root = Path(os.environ.get("STRATA_OFFICIAL_PACKAGES") or Path.home() / ".cache" / "strata" / "official-packages")
+    digest = hashlib.sha256("\n".join(codebase.packages).encode()).hexdigest()[:12]
+    return root / f"{codebase.driver.removesuffix('.py')}-{digest}"
+
+
+def package_overlay(codebase: Codebase) -> Path:
+    """The overlay folder, its packages installed on first use (atomically: a failed install leaves none)."""
+    target = overlay_folder(codebase)
+    if target.is_dir():
+        return target
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=root))
     try:
-        yield
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                        "--no-compile", "--target", str(staging), *codebase.packages], check=True,
+                       capture_output=True, text=True)
+        staging.rename(target)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"could not install {' '.join(codebase.packages)}: {exc.stderr.strip()[-500:]}") from exc
     finally:
-        torch.Tensor.cuda, torch.nn.Module.cuda = saved
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
-def load(path: str, module: str):
-    """Import ``module`` from the checkout at ``path`` (prepended to ``sys.path`` for the import)."""
-    sys.path.insert(0, path)
-    try:
-        with cuda_on_cpu():
-            return importlib.import_module(module)
-    finally:
-        sys.path.remove(path)
+def run_driver(method: str, checkout: str, codebase: Codebase, config: dict) -> dict:
+    """The official step's figures for ``method``, from its driver in a fresh interpreter."""
+    overlay = package_overlay(codebase)
+    command = [sys.executable, "-W", "ignore", str(DRIVERS / codebase.driver), "--checkout", checkout,
+               "--method", method, "--backbone", config["backbone"], "--batch-size", str(config["batch_size"]),
+               "--steps", str(config["steps"]), "--epochs", str(config["epochs"]),
+               "--classes-per-task", str(config["classes_per_task"]), "--threads", str(torch.get_num_threads())]
+    environment = {**os.environ, "PYTHONPATH": str(overlay), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"the {codebase.repository} driver failed: {result.stderr.strip()[-1500:]}")
+    return json.loads(lines[-1])
 
 
-def status(prefix: str) -> dict:
-    variable, repository, module = OFFICIAL[prefix]
-    path = os.environ.get(variable)
-    if not path:
-        return {"status": "skipped", "reason": f"set {variable}=/path/to/a/{repository} checkout to compare"}
-    try:
-        load(path, module)
-    except Exception as exc:  # their pinned dependencies are not ours: report, do not work around
-        return {"status": "import_failed", "path": path, "error": f"{type(exc).__name__}: {exc}"}
-    return {"status": "imported", "path": path,
-            "reason": "driving the official training step is not implemented; no Strata/official ratio"}
-
-
-def compare(methods: list[str]) -> dict:
-    """One status per official code base that the measured methods belong to."""
-    prefixes = sorted({prefix for name in methods for prefix in OFFICIAL if name.startswith(prefix)})
-    return {prefix: status(prefix) for prefix in prefixes}
+def compare(strata: dict[str, dict], config: dict) -> dict:
+    """Per measured method: the official figures and Strata / official for task 0 and task t, or why not."""
+    results = {}
+    for method, steps in strata.items():
+        name = codebase_of(method)
+        if name is None:
+            results[method] = {"status": "skipped", "reason": "no official code base for this method"}
+            continue
+        codebase = CODEBASES[name]
+        checkout = os.environ.get(codebase.variable)
+        if not checkout:
+            results[method] = {"status": "skipped",
+                               "reason": f"set {codebase.variable}=/path/to/a/{codebase.repository} checkout"}
+            continue
+        if config["backbone"] not in CONFIGS:
+            results[method] = {"status": "skipped", "reason": f"the drivers build {' and '.join(CONFIGS)} only"}
+            continue
+        try:
+            official = run_driver(method, checkout, codebase, config)
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            results[method] = {"status": "failed", "error": str(exc)}
+            continue
+        results[method] = {
+            "status": "measured", "official": official,
+            "strata_vs_official": {key: common.ratio(steps[key]["images_per_s"], official[key]["images_per_s"])
+                                   for key in ("task_0", "task_t")},
+        }
+    return results

@@ -6,8 +6,9 @@ Training-free steps (SimpleCIL, APER after task 0) report their prototype-extrac
 The baseline, measured in the same run, is a linear head trained on the frozen backbone (no gradient
 through the backbone); every figure is also given as a ratio against it.
 To make the task-t step the adapted one, LAE runs without its PET freeze epochs and OVOR without its
-VOR epochs (both are cheaper: head only). ``STRATA_OFFICIAL_<METHOD>`` names an official checkout to
-compare with (see :mod:`benchmarks.official`).
+VOR epochs (both are cheaper: head only). ``STRATA_OFFICIAL_LAE``/``_APER``/``_OVOR`` name official
+checkouts whose same steps are timed in the same run, with the ratio Strata / official per method (see
+:mod:`benchmarks.official`).
 
     python -m benchmarks.train_throughput                       # tiny ViT, 32 px
     python -m benchmarks.train_throughput --backbone vit_base_patch16_224.augreg_in21k --batch-size 2
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps = method_steps(method, tasks, args.batch_size)
         methods[name] = {label: with_ratios(step, reference) for label, step in steps.items()}
         del method
+    config = {"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs,
+              "classes_per_task": CLASSES_PER_TASK}
     document = {
         "benchmark": "train_throughput",
         "machine": common.machine(),
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": {"what": "frozen backbone forward (no grad) + linear head forward/backward/Adam step",
                      **reference},
         "methods": methods,
-        "official": official.compare(args.methods),
+        "official": official.compare(methods, config),
     }
     common.emit(document)
     return document

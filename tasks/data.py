@@ -1,7 +1,9 @@
 """Materialise a data version for training: through DVC, checked against the ledger's md5.
 
-Training never reads ``data/batches`` directly: it pulls the version (from the remote when the local
-cache lacks it), recomputes the folder's md5 and refuses data that differ from what was ingested.
+Training never trusts ``data/batches`` blindly: it recomputes the folder's md5 and, unless the files on
+disk are exactly the ingested version, pulls the version (from the remote when the local cache lacks it)
+and checks again, refusing data that still differ from what was ingested. Files that already match are
+used as they are: a pull would only re-check what the md5 just proved.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def materialise(settings: StrataSettings, batch_id: str) -> LabelledDataset:
         raise DataVersionError(f"{path}.dvc says md5 {recorded} but the ledger recorded {md5} for {batch_id}: "
                                f"check out the git revision that ingested it")
     with dvc_lock(settings.workspace):
-        dvc_pull(settings.workspace, path)
-        actual = directory_md5(path)
-    if actual != md5:
-        raise DataVersionError(f"{path} has md5 {actual}, expected {md5}: the data changed after ingestion")
+        if not (path.is_dir() and directory_md5(path) == md5):
+            dvc_pull(settings.workspace, path)
+            actual = directory_md5(path)
+            if actual != md5:
+                raise DataVersionError(f"{path} has md5 {actual}, expected {md5}: the data changed after ingestion")
     return LabelledDataset(batch_id, tuple(classes), _split(path / "train", classes), _split(path / "test", classes),
                            content_key=md5)
 

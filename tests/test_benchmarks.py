@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import cost_growth, feature_reuse, inference_throughput, train_throughput
+from benchmarks import cost_growth, feature_reuse, inference_throughput, official, train_throughput
 
 RUNS = {
     "train_throughput": (train_throughput, ["--methods", "simplecil", "lae_prefix", "--batch-size", "4",
@@ -22,7 +22,8 @@ RUNS = {
 
 @pytest.mark.parametrize("name", RUNS)
 def test_script_prints_json_with_baseline_and_ratios(name, capsys, monkeypatch):
-    monkeypatch.delenv("STRATA_OFFICIAL_LAE", raising=False)
+    for codebase in official.CODEBASES.values():
+        monkeypatch.delenv(codebase.variable, raising=False)
     module, argv = RUNS[name]
     module.main(argv)
     document = json.loads(capsys.readouterr().out)
@@ -35,7 +36,9 @@ def test_script_prints_json_with_baseline_and_ratios(name, capsys, monkeypatch):
         assert methods["lae_prefix"]["task_t"]["kind"] == "train"
         assert methods["simplecil"]["task_0"]["kind"] == "prototypes"
         assert "vs_baseline" in methods["lae_prefix"]["task_0"]
-        assert document["official"]["lae"]["status"] == "skipped"
+        assert document["official"]["lae_prefix"] == {
+            "status": "skipped", "reason": "set STRATA_OFFICIAL_LAE=/path/to/a/gqk/LAE checkout"}
+        assert document["official"]["simplecil"]["status"] == "skipped"
     elif name == "inference_throughput":
         figures = methods["lae_adapter"]["batch_1"]
         assert {"torch_images_per_s", "onnxruntime_images_per_s", "ort_vs_torch_latency",
@@ -50,3 +53,17 @@ def test_script_prints_json_with_baseline_and_ratios(name, capsys, monkeypatch):
         assert methods["simplecil"]["first_run_forwards"] == 8
         assert methods["aper_adapter"]["first_run_forwards"] == 16  # two branches
         assert methods["simplecil"]["second_run_forwards"] == methods["aper_adapter"]["second_run_forwards"] == 0
+
+
+def test_official_driver_failure_is_reported_with_its_error(tmp_path, monkeypatch):
+    """A driver that cannot run (here: its package overlay lacks the code base's timm) reports why."""
+    codebase = official.CODEBASES["ovor"]
+    monkeypatch.setenv(codebase.variable, str(tmp_path / "checkout"))
+    monkeypatch.setenv("STRATA_OFFICIAL_PACKAGES", str(tmp_path / "packages"))
+    official.overlay_folder(codebase).mkdir(parents=True)  # present, so nothing is installed
+    config = {"backbone": "tiny", "batch_size": 2, "steps": 1, "epochs": 1, "classes_per_task": 2}
+    strata = {"ovor": {"task_0": {"images_per_s": 1.0}, "task_t": {"images_per_s": 1.0}}, "linear": {}}
+    result = official.compare(strata, config)
+    assert result["linear"] == {"status": "skipped", "reason": "no official code base for this method"}
+    assert result["ovor"]["status"] == "failed"
+    assert "the overlay is not in front of sys.path: timm 1." in result["ovor"]["error"]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.streams import stream_from_batches
 from tasks import ingest as ingest_module
-from tasks.data import materialise
+from tasks.data import DataVersionError, materialise
 from tasks.ingest import IngestError, ingest
 from tasks.ledger import ledger_session, list_data_versions, make_engine
 from tasks.settings import load_settings
@@ -89,6 +89,25 @@ def test_ingest_versions_pushes_and_reads_back_from_the_remote(settings, tmp_pat
         assert repo.status() != {}  # DVC sees the tampering; materialise restores the ingested files
     materialise(settings, result.batch_id)
     assert directory_md5(batch) == result.md5
+
+
+def test_materialise_pulls_only_files_that_differ_and_refuses_what_a_pull_leaves_wrong(settings, tmp_path,
+                                                                                       monkeypatch):
+    result = ingest(settings, image_tree(tmp_path / "batch", {"cat": 3, "dog": 3}), "pets")
+    batch = settings.workspace / "data" / "batches" / result.batch_id
+    pulls = []
+    monkeypatch.setattr("tasks.data.dvc_pull", lambda workspace, path: pulls.append(path))
+    assert materialise(settings, result.batch_id).class_names == ("cat", "dog")
+    assert pulls == []  # the files on disk are the ingested version: nothing to pull
+
+    stray = batch / "train" / "cat" / "stray.png"
+    stray.write_bytes(png_bytes())
+    with pytest.raises(DataVersionError, match="the data changed after ingestion"):
+        materialise(settings, result.batch_id)  # a pull that changed nothing
+    assert pulls == [batch]
+    monkeypatch.undo()
+    materialise(settings, result.batch_id)  # the real pull checks the version out exactly
+    assert not stray.exists() and directory_md5(batch) == result.md5
 
 
 def test_identical_batch_is_a_no_op_and_known_classes_are_refused(settings, tmp_path):

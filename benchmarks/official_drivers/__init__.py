@@ -1,0 +1,1 @@
+"""Drivers that time the official code of each method; each runs as a script in its own interpreter."""
