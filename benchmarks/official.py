@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,31 +101,39 @@ def run_driver(method: str, checkout: str, codebase: Codebase, config: dict) -> 
     return json.loads(lines[-1])
 
 
-def compare(strata: dict[str, dict], config: dict) -> dict:
-    """Per measured method: the official figures and Strata / official for task 0 and task t, or why not."""
-    results = {}
-    for method, steps in strata.items():
-        name = codebase_of(method)
-        if name is None:
-            results[method] = {"status": "skipped", "reason": "no official code base for this method"}
-            continue
-        codebase = CODEBASES[name]
-        checkout = os.environ.get(codebase.variable)
-        if not checkout:
-            results[method] = {"status": "skipped",
-                               "reason": f"set {codebase.variable}=/path/to/a/{codebase.repository} checkout"}
-            continue
-        if config["backbone"] not in CONFIGS:
-            results[method] = {"status": "skipped", "reason": f"the drivers build {' and '.join(CONFIGS)} only"}
-            continue
-        try:
-            official = run_driver(method, checkout, codebase, config)
-        except (RuntimeError, json.JSONDecodeError) as exc:
-            results[method] = {"status": "failed", "error": str(exc)}
-            continue
-        results[method] = {
-            "status": "measured", "official": official,
-            "strata_vs_official": {key: common.ratio(steps[key]["images_per_s"], official[key]["images_per_s"])
-                                   for key in ("task_0", "task_t")},
-        }
-    return results
+def measure(method: str, config: dict) -> dict:
+    """One run of ``method``'s official step: its figures, or why there are none (skipped, failed)."""
+    name = codebase_of(method)
+    if name is None:
+        return {"status": "skipped", "reason": "no official code base for this method"}
+    codebase = CODEBASES[name]
+    checkout = os.environ.get(codebase.variable)
+    if not checkout:
+        return {"status": "skipped", "reason": f"set {codebase.variable}=/path/to/a/{codebase.repository} checkout"}
+    if config["backbone"] not in CONFIGS:
+        return {"status": "skipped", "reason": f"the drivers build {' and '.join(CONFIGS)} only"}
+    try:
+        return {"status": "measured", "official": run_driver(method, checkout, codebase, config)}
+    except (RuntimeError, json.JSONDecodeError) as exc:
+        return {"status": "failed", "error": str(exc)}
+
+
+def summarise(official_runs: list[dict], strata_runs: list[dict]) -> dict:
+    """Medians over interleaved repeats: official images/s per step and the median Strata / official ratio.
+
+    Each repeat times Strata's step and then the official one, so a slow spell of the machine hits both
+    sides of a ratio; the median of the per-repeat ratios is the figure to read.
+    """
+    first = official_runs[0]
+    if first["status"] != "measured" or any(run["status"] != "measured" for run in official_runs):
+        return next(run for run in official_runs if run["status"] != "measured")
+    result = {"status": "measured", "codebase": first["official"]["codebase"], "commit": first["official"]["commit"],
+              "timm": first["official"]["timm"], "official": {}, "strata_vs_official": {}}
+    for key in ("task_0", "task_t"):
+        theirs = [run["official"][key]["images_per_s"] for run in official_runs]
+        ours = [run[key]["images_per_s"] for run in strata_runs]
+        result["official"][key] = {"kind": first["official"][key]["kind"], "images_per_s": statistics.median(theirs),
+                                   "per_repeat": theirs}
+        result["strata_vs_official"][key] = statistics.median(common.ratio(a, b) for a, b in zip(ours, theirs,
+                                                                                                 strict=True))
+    return result

@@ -81,10 +81,11 @@ def task_seconds(flow_run_id) -> dict[str, float]:
     """Run time of each task run of the flow run, by task name."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     limit=200)
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
     totals: dict[str, float] = {}
     for run in runs:
         name = run.name.rsplit("-", 1)[0]

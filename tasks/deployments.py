@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,17 +198,27 @@ def ensure_limit(name: str, slots: int | None) -> None:
 def gpu_slots(count: int = 1) -> Iterator[None]:
     """Hold ``count`` slots of the ``gpu`` global concurrency limit while training; no limit, no wait.
 
-    A limit smaller than ``count`` could never be satisfied: that is an error saying how to raise it.
+    The limit is read first (a cheap GET): without one (``strata deploy`` creates it) nothing is acquired,
+    which saves the acquisition's write on the Prefect server (about 2 s per increment on a busy SQLite
+    server, ``benchmarks/platform_overhead.py``) and Prefect's "does not exist" warning. A limit smaller
+    than ``count`` could never be satisfied: that is an error saying how to raise it.
     """
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
 
-    with ExitStack() as stack:
+    with get_client(sync_client=True) as client:
         try:
-            stack.enter_context(concurrency(GPU_LIMIT, occupy=count, strict=False))
-        except ConcurrencySlotAcquisitionError as exc:
-            raise DeploymentError(f"{count} training processes need {count} slots of the `{GPU_LIMIT}` concurrency "
-                                  f"limit ({exc}); raise it: strata deploy --gpu-slots {count}") from exc
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            limit = None
+    if limit is None or not limit.active:
+        yield
+        return
+    if count > limit.limit:
+        raise DeploymentError(f"{count} training processes need {count} slots of the `{GPU_LIMIT}` concurrency "
+                              f"limit, which has {limit.limit}; raise it: strata deploy --gpu-slots {count}")
+    with concurrency(GPU_LIMIT, occupy=count, strict=True):
         yield
 
 

@@ -62,8 +62,20 @@ def test_official_driver_failure_is_reported_with_its_error(tmp_path, monkeypatc
     monkeypatch.setenv("STRATA_OFFICIAL_PACKAGES", str(tmp_path / "packages"))
     official.overlay_folder(codebase).mkdir(parents=True)  # present, so nothing is installed
     config = {"backbone": "tiny", "batch_size": 2, "steps": 1, "epochs": 1, "classes_per_task": 2}
-    strata = {"ovor": {"task_0": {"images_per_s": 1.0}, "task_t": {"images_per_s": 1.0}}, "linear": {}}
-    result = official.compare(strata, config)
-    assert result["linear"] == {"status": "skipped", "reason": "no official code base for this method"}
-    assert result["ovor"]["status"] == "failed"
-    assert "the overlay is not in front of sys.path: timm 1." in result["ovor"]["error"]
+    assert official.measure("linear", config) == {"status": "skipped",
+                                                  "reason": "no official code base for this method"}
+    failed = official.measure("ovor", config)
+    assert failed["status"] == "failed"
+    assert "the overlay is not in front of sys.path: timm 1." in failed["error"]
+    assert official.summarise([failed], [{}]) == failed
+
+
+def test_official_repeats_are_summarised_as_medians_of_interleaved_ratios():
+    step = {"codebase": "c", "commit": "x", "timm": "0.4.12"}
+    theirs = [{"status": "measured", "official": {**step, "task_0": {"kind": "train", "images_per_s": rate},
+                                                   "task_t": {"kind": "train", "images_per_s": rate}}}
+              for rate in (100.0, 50.0, 200.0)]
+    ours = [{"task_0": {"images_per_s": rate}, "task_t": {"images_per_s": rate}} for rate in (110.0, 60.0, 180.0)]
+    summary = official.summarise(theirs, ours)
+    assert summary["official"]["task_0"]["images_per_s"] == 100.0
+    assert summary["strata_vs_official"]["task_0"] == 1.1  # ratios 1.1, 1.2, 0.9
