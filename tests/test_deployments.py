@@ -27,7 +27,7 @@ from tasks.deployments import DeploymentError, declare, declared_entries, render
 from tasks.ingest import ingest
 from tasks.settings import load_settings
 from tasks.workspace import init_workspace
-from tests.conftest import free_port
+from tests.conftest import free_port, scratch_postgres_database
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATA = [sys.executable, "-m", "flows.cli"]
@@ -267,16 +267,8 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
 
 def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run(tmp_path, digit_batches):
     """The scale-out store: the same deploy and event against a Prefect server on PostgreSQL (no worker)."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True,
-                                connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-    database = f"strata_prefect_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{database}"')
-    workspace = _workspace(tmp_path, digit_batches[:1], "digits")
-    try:
+    with scratch_postgres_database("strata_prefect") as database:
+        workspace = _workspace(tmp_path, digit_batches[:1], "digits")
         with prefect_server(tmp_path, f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}") as url:
             _strata(["deploy", "--pool", "pg-pool"], workspace, _env(PREFECT_API_URL=url))
             learn_id = _deployment_id(url, "learn/digits")
@@ -284,9 +276,6 @@ def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run
             _post_ingested(url, "digits", "batch-1")
             _wait(lambda: any(not r["auto_scheduled"] for r in _runs(url, learn_id)), 60,
                   "the event did not trigger a learn run")
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
 
 
 def test_more_training_processes_than_gpu_slots_is_a_clear_error(prefect_server):

@@ -199,47 +199,37 @@ def mlflow_server(request, tmp_path):
     import sys
     import time
     import urllib.request
-    import uuid
+    from contextlib import ExitStack
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, scratch_postgres_database
 
-    database = None
-    if request.param == "sqlite":
-        backend = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
-    else:
-        psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    with ExitStack() as stack:  # the database, if any, is dropped after the server has stopped
+        if request.param == "sqlite":
+            backend = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
+        else:
+            database = stack.enter_context(scratch_postgres_database("strata_mlflow"))
+            backend = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+             str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
         try:
-            admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True,
-                                    connect_timeout=3)
-        except psycopg.OperationalError as exc:
-            pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-        database = f"strata_mlflow_{uuid.uuid4().hex[:8]}"
-        admin.execute(f'CREATE DATABASE "{database}"')
-        backend = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log = process.stderr.read().decode()[-2000:]
-                    raise RuntimeError(f"mlflow server did not start: {log}") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        if database is not None:
-            admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
-            admin.close()
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        log = process.stderr.read().decode()[-2000:]
+                        raise RuntimeError(f"mlflow server did not start: {log}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_learn_through_a_real_mlflow_server(tmp_path, prefect_server, digit_batches, mlflow_server, monkeypatch):
