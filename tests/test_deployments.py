@@ -265,6 +265,25 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
                                                                            "show_progress": False}}
 
 
+def test_two_learn_processes_of_one_learner_never_learn_a_task_twice(tmp_path, prefect_api, digit_batches):
+    """Two `strata learn` processes started together on one learner: one learns, the other either says who
+    holds the learner (exit 2) or, started after the winner finished, finds nothing left; one increment."""
+    workspace = _workspace(tmp_path, digit_batches[:1], "raced")
+    env = _env(PREFECT_API_URL=prefect_api)
+    racers = [subprocess.Popen([*STRATA, "learn", "--learner", "raced"], cwd=workspace, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        outcomes.append((racer.returncode, " ".join((out + err).split())))  # rich wraps long lines
+    learned = [text for code, text in outcomes if code == 0 and "learned batch-" in text]
+    assert len(learned) == 1, outcomes
+    (code, text), = [outcome for outcome in outcomes if outcome[1] not in learned]
+    assert (code == 2 and "is busy:" in text and "holds its lease" in text) or \
+        (code == 0 and "has nothing new to learn (1 tasks learned)" in text), outcomes
+    assert _ledger_tasks(workspace, "raced") == [(0, "succeeded")]
+
+
 def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run(tmp_path, digit_batches):
     """The scale-out store: the same deploy and event against a Prefect server on PostgreSQL (no worker)."""
     with scratch_postgres_database("strata_prefect") as database:
