@@ -26,7 +26,7 @@ from tasks.ingest import IngestError
 from tasks.ledger import LeaseHeldError, LedgerError
 from tasks.model_source import ModelSourceError
 from tasks.serving import ServeError
-from tasks.settings import SettingsError
+from tasks.settings import SettingsError, redact_url
 from tasks.validate import BatchRejectedError
 from tasks.versioning import VersioningError
 
@@ -466,7 +466,7 @@ def demo(method: Annotated[str, typer.Option(help="method the digits learner use
     item, settings = result["status"], result["settings"]
     console.print(_increments_table(item))
     console.print(f"champion: v{item['champion']} · workspace {result['workspace']} · {result['seconds']:.0f} s")
-    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} "
+    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {redact_url(settings.mlflow_tracking_uri)} "
                   f"--default-artifact-root {settings.mlflow_artifacts} --host 127.0.0.1")
     console.print("Prefect UI: prefect server start --host 127.0.0.1   (then open http://127.0.0.1:4200)")
 

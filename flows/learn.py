@@ -50,7 +50,7 @@ from tasks.increments import (
 from tasks.ledger import learner_lease, ledger_session
 from tasks.migrate import migrated_engine
 from tasks.reports import write_report
-from tasks.settings import StrataSettings, load_settings
+from tasks.settings import StrataSettings, load_settings, redact_url
 from tasks.workspace import find_workspace
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ def learn_increment(run: Learning, version: PendingVersion) -> dict[str, Any]:
     move_aliases(run, registered, decision)
     accuracy_table(run.learner, summary)
     increment_summary(run.learner, new.index, summary, decision.reasons, decision.promote, registered,
-                      f"run {run_id} in {run.settings.mlflow_tracking_uri}", [report["curve"], report["matrix"]])
+                      f"run {run_id} in {redact_url(run.settings.mlflow_tracking_uri)}",
+                      [report["curve"], report["matrix"]])
     return metrics
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -73,3 +74,14 @@ def load_settings(workspace: str | Path | None = None, **overrides) -> StrataSet
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise SettingsError(f"invalid Strata settings ({problems}); check {SETTINGS_FILE} and STRATA_* "
                             f"variables") from exc
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: store URLs appear in messages, logs and Prefect
+    artifacts, and a password there would outlive the run (``postgresql+psycopg://u:pw@host/db``,
+    ``http://u:pw@mlflow:5000``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))

@@ -7,6 +7,7 @@ The store comes from settings: the workspace's SQLite database by default (artif
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.models import infer_signature
 
-from tasks.settings import StrataSettings
+from tasks.settings import StrataSettings, redact_url
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 STEP_METRICS = ("accuracy", "task_averaged_accuracy", "forgetting", "backward_transfer", "old_accuracy",
@@ -32,7 +33,13 @@ def model_name(learner: str) -> str:
 
 
 def configure(settings: StrataSettings) -> MlflowClient:
-    """Point MLflow (tracking and registry) at the workspace's store."""
+    """Point MLflow (tracking and registry) at the workspace's store.
+
+    MLflow writes "View run at <tracking URI>/…" to stdout after each run on a server; a URI carrying a
+    password would put it in every log, so the links are suppressed for such a URI.
+    """
+    if redact_url(settings.mlflow_tracking_uri) != settings.mlflow_tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     return MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
