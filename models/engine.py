@@ -189,25 +189,19 @@ class GlobalBatchSampler(Sampler[int]):
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = False):
+                 drop_last: bool = False):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def local_batches(self) -> list[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         batches = []
-        for start in range(0, self.size, self.batch_size):
-            batch = order[start:start + self.batch_size]
-            if len(batch) < self.batch_size and (self.drop_last or len(batch) < self.world_size):
-                break
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = order[start:start + self.batch_size].tolist()
             share, extra = divmod(len(batch), self.world_size)
             first = self.rank * share + min(self.rank, extra)
             batches.append(batch[first:first + share + (self.rank < extra)])
@@ -217,7 +211,9 @@ class GlobalBatchSampler(Sampler[int]):
         return iter(self.local_batches())
 
     def __len__(self) -> int:
-        return len(self.local_batches())
+        """Global batches per epoch: the full ones, and the partial one unless it is dropped."""
+        full, partial = divmod(self.size, self.batch_size)
+        return full + (partial > 0 and not self.drop_last and partial >= self.world_size)
 
 
 class Engine:
@@ -247,7 +243,7 @@ class Engine:
         """This process's share of each global batch (all of it with one process), reshuffled per epoch."""
         rank, size = world()
         sampler = GlobalBatchSampler(len(dataset), config.batch_size, self.seed + seed_offset, rank, size,
-                                     shuffle=True, drop_last=config.drop_last)
+                                     drop_last=config.drop_last)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
