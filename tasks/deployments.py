@@ -157,8 +157,8 @@ def _schedule(spec: dict[str, Any]):
     raise DeploymentError(f"a schedule in prefect.yaml needs cron, interval or rrule: {spec}")
 
 
-def ensure_pool(name: str, pool_type: str = "process") -> bool:
-    """Create the work pool when missing (a process pool unless told otherwise); True if it was created."""
+def ensure_pool(name: str) -> None:
+    """Create the work pool as a process pool when it is missing; an existing pool is left as it is."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -166,10 +166,8 @@ def ensure_pool(name: str, pool_type: str = "process") -> bool:
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(name)
-            return False
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
-            return True
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
 
 
 def ensure_limit(name: str, slots: int | None) -> None:
