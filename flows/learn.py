@@ -10,8 +10,6 @@ the ledger's last good state and the ``champion`` alias untouched; the next ``le
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,13 +39,14 @@ from tasks.increments import (
     LearnedTask,
     configure_learner,
     fail_increment,
+    fail_interrupted_increments,
     finish_increment,
     learned_tasks,
     pending_versions,
     record_promotion,
     start_increment,
 )
-from tasks.ledger import learner_lease, ledger_session
+from tasks.ledger import learner_lease, ledger_session, process_holder
 from tasks.migrate import migrated_engine
 from tasks.reports import write_report
 from tasks.settings import StrataSettings, load_settings, redact_url
@@ -254,14 +253,18 @@ def learn(params: LearnParams) -> dict[str, Any]:
         with ledger_session(db) as session:
             learner = configure_learner(session, params.learner, params.method, params.backbone, params.config)
             learner_id = learner.id
-        holder = f"{socket.gethostname()}:{os.getpid()}:{flow_run.get_id() or 'local'}"
+        holder = process_holder(str(flow_run.get_id() or "local"))
         with learner_lease(db, learner_id, holder, timedelta(minutes=params.lease_minutes)):
             with ledger_session(db) as session:  # read again under the lease: another run may have learned
                 learner = configure_learner(session, params.learner, params.method, params.backbone, params.config)
+                interrupted = fail_interrupted_increments(session, learner)
                 method_name, backbone_name, config = learner.method, learner.backbone, dict(learner.method_config)
                 history = learned_tasks(session, learner)
                 pending = [PendingVersion(v.id, v.batch_id, v.md5, v.git_rev, v.path)
                            for v in pending_versions(session, learner)]
+            if interrupted:
+                logger.warning("learner %s: tasks %s were left running by a run that died; learning them again",
+                               params.learner, interrupted)
             if not pending:
                 logger.info("learner %s has nothing new to learn", params.learner)
                 return {"learner": params.learner, "learned": [], "tasks": len(history)}
@@ -283,6 +286,9 @@ def _learn_pending(settings: StrataSettings, params: LearnParams, learner_id: in
     run = Learning(settings, params, params.learner, learner_id, method, engine, history,
                    [materialise_version(settings, t.batch_id) for t in history])
     client = tracking.configure(settings)
+    if killed := tracking.end_interrupted_runs(client, params.learner):
+        logger.warning("marked MLflow runs %s of learner %s KILLED: their learn ended without closing them",
+                       killed, params.learner)
     learned = []
     with tracking.learn_run(client, settings, params.learner,
                             {"strata.prefect_flow_run_id": str(flow_run.get_id() or "")}) as parent_run_id:

@@ -101,6 +101,20 @@ def start_increment(engine: Engine, learner_id: int, task_index: int, data_versi
         return row.id
 
 
+def fail_interrupted_increments(session: Session, learner: Learner) -> list[int]:
+    """Mark the learner's ``running`` increments failed; returns their task indexes.
+
+    Called under the learner's lease, where no other run can be working: a row still ``running`` was
+    left by a run that died without its ``except`` (``kill -9``, power loss, OOM killer).
+    """
+    rows = list(session.scalars(select(Increment).where(Increment.learner_id == learner.id,
+                                                        Increment.status == "running")))
+    for row in rows:
+        row.status, row.finished = "failed", utcnow()
+        row.metrics = {"error": "interrupted: the run learning it ended without finishing (killed or crashed)"}
+    return [row.task_index for row in rows]
+
+
 def fail_increment(engine: Engine, increment_id: int, error: str) -> None:
     with ledger_session(engine) as session:
         row = session.get(Increment, increment_id)

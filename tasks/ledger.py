@@ -7,6 +7,9 @@ compare them the same way.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -29,9 +32,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+logger = logging.getLogger(__name__)
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
 
@@ -156,9 +160,23 @@ def make_engine(url: str) -> Engine:
 
 @contextmanager
 def ledger_session(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any error."""
-    with sessionmaker(engine, expire_on_commit=False)() as session, session.begin():
-        yield session
+    """A session that commits on success and rolls back on any error.
+
+    A connection that dies in the middle (database restarted, backend terminated) becomes a
+    LedgerError: the database rolls the open transaction back, so nothing half-written remains, and
+    every Strata step is safe to run again. A connection that died while idle in the pool never gets
+    here: the engine's pre-ping replaces it.
+    """
+    try:
+        with sessionmaker(engine, expire_on_commit=False)() as session, session.begin():
+            yield session
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise LedgerError(f"lost the connection to the ledger database ({engine.url.render_as_string()}): "
+                          f"{reason}. Its open transaction was rolled back; run the command again once the "
+                          f"database is reachable.") from exc
 
 
 def get_or_create_learner(session: Session, name: str) -> Learner:
@@ -193,30 +211,66 @@ def list_data_versions(session: Session, learner: str | None = None) -> list[Dat
     return list(session.scalars(query))
 
 
+def process_holder(run: str) -> str:
+    """This process as a lease holder, ``host:pid:run``: enough to tell later whether it is still alive."""
+    return f"{socket.gethostname()}:{os.getpid()}:{run}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True only for a holder on this host whose process is gone (killed, crashed, machine restarted).
+
+    Anything else (another host, an unparseable holder, a live or foreign process) counts as alive: a
+    lease is never reclaimed early on a guess. Hosts sharing a ledger must have distinct hostnames.
+    """
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def acquire_lease(engine: Engine, learner_id: int, holder: str, ttl: timedelta) -> datetime:
     """Take the learner's lease for ``ttl`` or raise LeaseHeldError; returns its expiry.
 
-    Insert-or-reclaim in one statement each, so the database decides who wins on both SQLite and
-    PostgreSQL; a holder that crashed loses the lease when it expires. Re-acquiring by the same
-    holder extends it.
+    Insert, or take over the row by compare-and-swap on (holder, expiry), so the database decides who
+    wins on both SQLite and PostgreSQL. The row is taken over when it expired, when it is this holder's
+    (re-acquiring extends it) or when its holder is a dead process on this host (a ``kill -9`` does not
+    have to wait for the expiry).
     """
-    now = utcnow()
-    expires = now + ttl
-    try:
-        with engine.begin() as connection:
-            connection.execute(insert(Lease).values(learner_id=learner_id, holder=holder, expires_at=expires))
-        return expires
-    except IntegrityError:
-        pass
-    with engine.begin() as connection:
-        taken = connection.execute(
-            update(Lease).where(Lease.learner_id == learner_id, (Lease.expires_at < now) | (Lease.holder == holder))
-            .values(holder=holder, expires_at=expires)).rowcount
-        if taken == 1:
+    for _ in range(3):  # the row may be released between the failed insert and the read
+        now = utcnow()
+        expires = now + ttl
+        try:
+            with engine.begin() as connection:
+                connection.execute(insert(Lease).values(learner_id=learner_id, holder=holder, expires_at=expires))
             return expires
-        current = connection.execute(select(Lease.holder, Lease.expires_at).where(Lease.learner_id == learner_id)).one()
-    raise LeaseHeldError(f"learner {learner_id} is busy: {current.holder} holds its lease until "
-                         f"{current.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+        except IntegrityError:
+            pass
+        with engine.begin() as connection:
+            current = connection.execute(select(Lease.holder, Lease.expires_at)
+                                         .where(Lease.learner_id == learner_id)).one_or_none()
+            if current is None:
+                continue
+            if current.expires_at < now or current.holder == holder or holder_is_dead(current.holder):
+                taken = connection.execute(
+                    update(Lease).where(Lease.learner_id == learner_id, Lease.holder == current.holder,
+                                        Lease.expires_at == current.expires_at)
+                    .values(holder=holder, expires_at=expires)).rowcount
+                if taken == 1:
+                    if current.holder != holder:
+                        logger.warning("took over the lease of learner %s from %s (%s)", learner_id, current.holder,
+                                       "expired" if current.expires_at < now else "its process is gone")
+                    return expires
+                continue
+        raise LeaseHeldError(f"learner {learner_id} is busy: {current.holder} holds its lease until "
+                             f"{current.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+    raise LeaseHeldError(f"learner {learner_id}: its lease changed hands three times while acquiring it; try again")
 
 
 def release_lease(engine: Engine, learner_id: int, holder: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -24,6 +25,8 @@ from mlflow.models import infer_signature
 from tasks.settings import StrataSettings, redact_url
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SERVER_SCHEMES = ("http://", "https://", "databricks")  # stores behind a tracking server
+STORE_LOCK_TIMEOUT_S = 600  # creating a store runs MLflow's whole migration history: seconds, on a busy disk more
 STEP_METRICS = ("accuracy", "task_averaged_accuracy", "forgetting", "backward_transfer", "old_accuracy",
                 "new_accuracy")
 
@@ -32,25 +35,41 @@ def model_name(learner: str) -> str:
     return f"strata-{learner}"
 
 
+def experiment_name(learner: str) -> str:
+    return f"strata/{learner}"
+
+
 def configure(settings: StrataSettings) -> MlflowClient:
     """Point MLflow (tracking and registry) at the workspace's store.
 
     MLflow writes "View run at <tracking URI>/…" to stdout after each run on a server; a URI carrying a
     password would put it in every log, so the links are suppressed for such a URI.
+
+    MLflow creates a database store on first use by running its whole migration history, unguarded: two
+    processes doing it at once on an empty database fail ("duplicate column name", "table
+    _alembic_tmp_tags already exists" on SQLite, which is left half-migrated and unusable; a unique
+    violation on PostgreSQL), and the first ``learn`` runs of a new workspace do start together. So the
+    client, which opens the store, is made under a lock in the workspace's state folder: one process
+    creates the store, the others wait and find it ready. A tracking server guards its own store.
     """
-    if redact_url(settings.mlflow_tracking_uri) != settings.mlflow_tracking_uri:
+    uri = settings.mlflow_tracking_uri
+    if redact_url(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    return MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith(SERVER_SCHEMES):
+        return MlflowClient(uri, uri)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(settings.state_dir / "mlflow-store.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        return MlflowClient(uri, uri)
 
 
 def experiment_id(client: MlflowClient, settings: StrataSettings, learner: str) -> str:
-    name = f"strata/{learner}"
+    name = experiment_name(learner)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local_store = not settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
+    local_store = not settings.mlflow_tracking_uri.startswith(SERVER_SCHEMES)
     location = Path(settings.mlflow_artifacts).resolve().as_uri() if local_store else None
     return client.create_experiment(name, artifact_location=location, tags={"strata.learner": learner})
 
@@ -61,6 +80,21 @@ def learn_run(client: MlflowClient, settings: StrataSettings, learner: str, tags
     with mlflow.start_run(experiment_id=experiment_id(client, settings, learner), run_name=f"learn {learner}",
                           tags={"strata.learner": learner, **tags}) as run:
         yield run.info.run_id
+
+
+def end_interrupted_runs(client: MlflowClient, learner: str) -> list[str]:
+    """Mark the learner's runs still ``RUNNING`` as ``KILLED``; returns their ids.
+
+    Called under the learner's lease, where no other run of this learner is live: such a run belongs
+    to a ``learn`` that was killed, and would otherwise show as running in the MLflow UI forever.
+    """
+    experiment = client.get_experiment_by_name(experiment_name(learner))
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

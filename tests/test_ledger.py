@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import uuid
 from datetime import timedelta
 
@@ -17,9 +20,11 @@ from tasks.ledger import (
     LeaseHeldError,
     acquire_lease,
     get_or_create_learner,
+    holder_is_dead,
     learner_lease,
     ledger_session,
     make_engine,
+    process_holder,
     release_lease,
 )
 
@@ -112,5 +117,31 @@ def test_lease_excludes_a_second_holder_until_release_or_expiry(ledger_url):
         acquire_lease(engine, learner_id, "run-c", timedelta(minutes=5))
         assert not release_lease(engine, learner_id, "crashed")
         assert release_lease(engine, learner_id, "run-c")
+    finally:
+        engine.dispose()
+
+
+def test_a_dead_holder_on_this_host_loses_its_lease_and_no_one_else_does(ledger_url):
+    """A ``kill -9`` leaves the lease for hours; a holder whose process is gone is taken over at once."""
+    migrate.upgrade(ledger_url)
+    engine = make_engine(ledger_url)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    host = socket.gethostname()
+    try:
+        with ledger_session(engine) as session:
+            learner_id = get_or_create_learner(session, "flowers").id
+        for alive in (f"{host}:{os.getppid()}:run", f"another-{host}:{finished.pid}:run", "no-pid-here"):
+            acquire_lease(engine, learner_id, alive, timedelta(minutes=5))
+            assert not holder_is_dead(alive)
+            with pytest.raises(LeaseHeldError, match="holds its lease"):
+                acquire_lease(engine, learner_id, process_holder("next"), timedelta(minutes=5))
+            assert release_lease(engine, learner_id, alive)
+        dead = f"{host}:{finished.pid}:run"
+        assert holder_is_dead(dead)
+        acquire_lease(engine, learner_id, dead, timedelta(minutes=5))
+        acquire_lease(engine, learner_id, process_holder("next"), timedelta(minutes=5))
+        assert not release_lease(engine, learner_id, dead)
+        assert release_lease(engine, learner_id, process_holder("next"))
     finally:
         engine.dispose()
