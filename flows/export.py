@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import tracking
 from tasks.export_registry import RegistrySource, download_state, log_onnx, resolve_version
+from tasks.ledger import LEARNER_NAME
 from tasks.onnx_export import export_method
 from tasks.restore import restore_method
 from tasks.settings import StrataSettings, load_settings
@@ -28,7 +29,7 @@ class ExportParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    learner: str
+    learner: str = Field(pattern=LEARNER_NAME)
     version: str | None = Field(None, description="registered version; default: the alias's")
     alias: str = Field("champion", description="alias to export when no version is given")
     fp16: bool = False

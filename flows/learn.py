@@ -46,7 +46,7 @@ from tasks.increments import (
     record_promotion,
     start_increment,
 )
-from tasks.ledger import learner_lease, ledger_session, process_holder
+from tasks.ledger import LEARNER_NAME, learner_lease, ledger_session, process_holder
 from tasks.migrate import migrated_engine
 from tasks.reports import write_report
 from tasks.settings import StrataSettings, load_settings, redact_url
@@ -60,7 +60,7 @@ class LearnParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    learner: str = Field(description="learner name; created on first use")
+    learner: str = Field(description="learner name; created on first use", pattern=LEARNER_NAME)
     method: str | None = Field(None, description="method on first learn (default simplecil); fixed afterwards")
     backbone: str | None = Field(None, description="backbone on first learn (default tiny); fixed afterwards")
     weights: str | None = Field(None, description="local weights file of the backbone")

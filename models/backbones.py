@@ -8,6 +8,7 @@ does the same so that numbers match theirs for the same checkpoint.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ TINY_BACKBONES: dict[str, dict] = {
 }
 TINY_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+SAVE_WEIGHTS_HINT = ("Save the model's plain state dict, e.g. safetensors.torch.save_file(model.state_dict(), "
+                     "'vit.safetensors'), and pass that file with --weights.")
 
 
 class BackboneError(ValueError):
@@ -190,8 +193,12 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
             state = load_safetensors(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text would advise weights_only=False: the unsafe way
+        raise BackboneError(f"cannot read weights file {path}: it holds pickled Python objects besides tensors, "
+                            f"which Strata never unpickles (that can run code). {SAVE_WEIGHTS_HINT}") from exc
     except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+        raise BackboneError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}; it is damaged or not a "
+                            f"{suffix} checkpoint. {SAVE_WEIGHTS_HINT}") from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -207,5 +214,6 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
         problems += [f"shape mismatch {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                      for k in wrong[:4]]
         detail = "; ".join(problems)
-        raise BackboneError(f"weights file {path} does not fit backbone {name!r}: {detail}")
+        raise BackboneError(f"weights file {path} does not fit backbone {name!r}: {detail}; pass weights saved from "
+                            f"a {name!r} model")
     vit.load_state_dict({k: state[k] for k in expected})

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from tasks.ledger import (
     DataVersion,
+    check_learner_name,
     find_data_version,
     find_learner,
     get_or_create_learner,
@@ -51,6 +52,7 @@ class IngestResult:
 def ingest(settings: StrataSettings, source: Path, learner: str, test_fraction: float = 0.25, seed: int = 0,
            limits: Limits = Limits()) -> IngestResult:
     """Validate ``source`` and make it the learner's next data version (or report the existing one)."""
+    check_learner_name(learner)
     engine = migrated_engine(settings.ledger_url)
     try:
         with unpacked(source, limits) as root:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, validates
 
 logger = logging.getLogger(__name__)
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -42,6 +43,21 @@ NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_nam
 
 class LedgerError(RuntimeError):
     """The ledger refuses an operation; the message says what is in the way."""
+
+
+class LearnerNameError(LedgerError, ValueError):
+    """A learner name that could not safely name folders, MLflow models and Prefect deployments."""
+
+
+LEARNER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def check_learner_name(name: str) -> str:
+    """``name`` if it is safe as one path component and in MLflow and Prefect names, else LearnerNameError."""
+    if not re.fullmatch(LEARNER_NAME, name):
+        raise LearnerNameError(f"learner name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+                               f"starting with a letter or digit (it names folders, MLflow models and deployments)")
+    return name
 
 
 class LeaseHeldError(LedgerError):
@@ -67,6 +83,10 @@ class Learner(Base):
     backbone: Mapped[str | None] = mapped_column(String(256))
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     data_versions: Mapped[list[DataVersion]] = relationship(back_populates="learner", order_by="DataVersion.id")
+
+    @validates("name")
+    def _safe_name(self, _key: str, name: str) -> str:
+        return check_learner_name(name)
 
 
 class DataVersion(Base):

@@ -117,7 +117,8 @@ def _extract_zip(source: Path, root: Path, limits: Limits) -> None:
     try:
         with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
-            problems = [p for m in members if (p := _member_problem(m.filename))]
+            # orig_filename: zipfile cuts ``filename`` at a NUL, which would hide the NUL and merge members
+            problems = [p for m in members if (p := _member_problem(m.orig_filename))]
             problems += [f"archive member {m.filename!r} is a symbolic link" for m in members
                          if (m.external_attr >> 16) & 0o170000 == 0o120000]
             problems += _size_problems(len(members), sum(m.file_size for m in members), limits)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -173,17 +174,23 @@ class Method(nn.Module, TrainingHooks):
         return directory
 
     def load_state(self, directory: str | Path) -> None:
-        """Restore a state written by ``save_state`` onto a freshly built method of the same kind."""
+        """Restore a state written by ``save_state`` onto a freshly built method of the same kind.
+
+        Both files are read, and the state's method, config and backbone checked, before the method grows: a
+        foreign or damaged state is refused with the method as it was."""
         directory = Path(directory)
         meta = read_state_meta(directory)
-        self.check_compatible(meta)
+        try:
+            self.check_compatible(meta)
+        except StateError as exc:
+            raise StateError(f"cannot load the state in {directory}: {exc}") from exc
         if self.task_sizes:
             raise StateError(f"load_state needs a fresh {self.name}; this one has already seen tasks")
+        tensors = _read_state_tensors(directory / STATE_TENSORS)
         for index, size in enumerate(meta["task_sizes"]):
             self.task_sizes.append(size)
             self.prepare_task(index, size)
         self.class_names = list(meta["class_names"])
-        tensors = load_file(str(directory / STATE_TENSORS))
         own = self.state_tensors()
         if set(tensors) != set(own):
             missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -193,7 +200,8 @@ class Method(nn.Module, TrainingHooks):
 
     def check_compatible(self, meta: dict[str, Any]) -> None:
         if meta.get("method") != self.name:
-            raise StateError(f"state was saved by method {meta.get('method')!r}, not {self.name!r}")
+            raise StateError(f"state was saved by method {meta.get('method')!r}, not {self.name!r}; build a "
+                             f"{meta.get('method')!r} method to load it")
         saved_config = self.config_class.model_validate(meta["config"])
         if saved_config != self.config:
             raise StateError(f"state was saved with another {self.name} configuration: "
@@ -218,6 +226,15 @@ def read_state_meta(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != STATE_FORMAT:
         raise StateError(f"{directory} has state format {meta.get('format')}, expected {STATE_FORMAT}")
     return meta
+
+
+def _read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensor half of a saved state; safetensors never unpickles, so a swapped-in pickle only fails to parse."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise StateError(f"{path} is not a safetensors file ({exc}): it is damaged or was not written by save_state; "
+                         f"restore the state folder from a saved copy (a registered version keeps one)") from exc
 
 
 def tensors_digest(module: nn.Module) -> str:
