@@ -3,7 +3,7 @@
 The ingest-side and learner-side items compare ``store_snapshot`` before and after: ledger rows, git HEAD
 and status, the workspace's data/ tree, the DVC cache and remote, the learners' saved states and the MLflow
 store. They share one workspace that already holds data, so "as it was" is never merely "still empty". The
-server's items are in tests/test_serving.py (test_bad_requests_get_clear_4xx_and_the_server_keeps_serving).
+server's items are in tests/test_serving.py (test_a_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving).
 """
 
 from __future__ import annotations

@@ -218,40 +218,57 @@ def test_export_dir_source_versions(exports, tmp_path):
         ExportDirSource(tmp_path / "nowhere").current()
 
 
-def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(exports):
+@pytest.fixture(scope="module")
+def guarded(exports):
+    """One server with an API key and small limits, and clients with and without the key."""
     root, _ = exports
     config = ServeConfig(api_key=KEY, max_upload_bytes=100_000, max_images=3)
     assert KEY not in repr(config)
-    good, tiny = {"pixels": _tensor(0)}, _png(Image.new("RGB", (8, 8)))
     with running(create_app(ExportDirSource(root / "a"), config)) as url, \
-            httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": KEY}) as client:
-        anonymous = httpx.Client(base_url=url, timeout=30)
-        assert anonymous.get("/health").status_code == 200
-        for answer, status, words in [
-            (anonymous.post("/predict", json=good), 401, "missing API key"),
-            (anonymous.get("/model"), 401, "X-API-Key"),
-            (anonymous.post("/predict", json=good, headers={"X-API-Key": "nope"}), 401, "wrong API key"),
-            (client.post("/predict", files={"files": ("a.txt", b"hello", "text/plain")}), 415, "not a readable"),
-            (client.post("/predict", files={"files": ("a.gif", _png(Image.open(io.BytesIO(tiny)), "GIF"))}), 415,
-             "send PNG or JPEG"),
-            (client.post("/predict", data={"name": "x"}, files={}), 415, "multipart"),
-            (client.post("/predict", json={"pixels": _tensor(0)[0]}), 422, "(batch, 3, 32, 32)"),
-            (client.post("/predict", json={"pixels": [[1, 2], [3]]}), 422, "rectangular"),
-            (client.post("/predict", json={"image": 1}), 422, "expected a JSON object"),
-            (client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}), 400,
-             "malformed JSON"),
-            (client.post("/predict", files={"files": ("big.png", b"\0" * 200_000, "image/png")}), 413, "limit"),
-            (client.post("/predict", content=iter([b"{" + b" " * 60_000] * 3),
-                         headers={"content-type": "application/json"}), 413, "limit"),
-            (client.post("/predict", files=[("files", (f"{i}.png", tiny, "image/png")) for i in range(4)]), 413,
-             "more than 3 images"),
-            (client.post("/predict", json=good, params={"k": 0}), 422, "greater than or equal to 1"),
-        ]:
-            assert answer.status_code == status, (answer.status_code, answer.text)
-            assert words in answer.text, answer.text
-        assert client.post("/predict", json=good).status_code == 200
-        assert client.get("/model").json()["provider"] == "CPUExecutionProvider"
-        anonymous.close()
+            httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": KEY}) as keyed, \
+            httpx.Client(base_url=url, timeout=30) as anonymous:
+        assert anonymous.get("/health").status_code == 200  # the one open path
+        yield keyed, anonymous
+
+
+TINY_PNG = _png(Image.new("RGB", (8, 8)))
+GOOD = {"pixels": _tensor(0)}
+BAD_REQUESTS = {  # what the request is: (client with the key?, request, status, words the answer must hold)
+    "missing-api-key": (False, lambda c: c.post("/predict", json=GOOD), 401, "missing API key"),
+    "missing-api-key-model": (False, lambda c: c.get("/model"), 401, "X-API-Key"),
+    "wrong-api-key": (False, lambda c: c.post("/predict", json=GOOD, headers={"X-API-Key": "nope"}), 401,
+                      "wrong API key"),
+    "non-image-upload": (True, lambda c: c.post("/predict", files={"files": ("a.txt", b"hello", "text/plain")}), 415,
+                         "not a readable"),
+    "gif-upload": (True, lambda c: c.post("/predict", files={"files": (
+        "a.gif", _png(Image.open(io.BytesIO(TINY_PNG)), "GIF"))}), 415, "send PNG or JPEG"),
+    "form-without-files": (True, lambda c: c.post("/predict", data={"name": "x"}, files={}), 415, "multipart"),
+    "wrong-tensor-shape": (True, lambda c: c.post("/predict", json={"pixels": _tensor(0)[0]}), 422,
+                           "(batch, 3, 32, 32)"),
+    "ragged-tensor": (True, lambda c: c.post("/predict", json={"pixels": [[1, 2], [3]]}), 422, "rectangular"),
+    "json-without-pixels": (True, lambda c: c.post("/predict", json={"image": 1}), 422, "expected a JSON object"),
+    "malformed-json": (True, lambda c: c.post("/predict", content=b"{not json",
+                                              headers={"content-type": "application/json"}), 400, "malformed JSON"),
+    "oversize-upload": (True, lambda c: c.post("/predict", files={"files": ("big.png", b"\0" * 200_000,
+                                                                            "image/png")}), 413, "limit"),
+    "oversize-streamed-body": (True, lambda c: c.post("/predict", content=iter([b"{" + b" " * 60_000] * 3),
+                                                      headers={"content-type": "application/json"}), 413, "limit"),
+    "too-many-images": (True, lambda c: c.post("/predict", files=[
+        ("files", (f"{i}.png", TINY_PNG, "image/png")) for i in range(4)]), 413, "more than 3 images"),
+    "k-below-one": (True, lambda c: c.post("/predict", json=GOOD, params={"k": 0}), 422,
+                    "greater than or equal to 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(guarded, case):
+    keyed, anonymous = guarded
+    with_key, send, status, words = BAD_REQUESTS[case]
+    answer = send(keyed if with_key else anonymous)
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    assert words in answer.text, answer.text
+    assert keyed.post("/predict", json=GOOD).status_code == 200
+    assert keyed.get("/model").json()["provider"] == "CPUExecutionProvider"
 
 
 def test_refuses_a_public_bind_without_an_api_key(exports, monkeypatch):
