@@ -29,6 +29,7 @@ from tasks.serving import ServeError
 from tasks.settings import SettingsError, redact_url
 from tasks.validate import BatchRejectedError
 from tasks.versioning import VersioningError
+from tasks.workspace import WorkspaceWriteError
 
 app = typer.Typer(help="Strata: class-incremental learning on frozen pretrained ViTs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -36,7 +37,7 @@ console = Console()
 USER_ERRORS = (UnknownProfileError, BackboneError, DatasetError, StreamError, UnknownMethodError, StateError,
                SettingsError, ValidationError, BatchRejectedError, IngestError, LedgerError, DataVersionError,
                VersioningError, ServeError, ModelSourceError, LearnerConfigError, LeaseHeldError, DemoError,
-               DeploymentError)
+               DeploymentError, WorkspaceWriteError)
 WorkspaceOption = Annotated[Path | None, typer.Option("--workspace", "-w", help="workspace root [default: the one "
                                                       "containing the current directory]")]
 data_app = typer.Typer(help="Ingested data versions.", no_args_is_help=True)

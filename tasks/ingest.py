@@ -2,7 +2,9 @@
 
 Order: validate all → copy → ``dvc add`` → git commit of the ``.dvc`` file → ``dvc push`` → ledger row.
 The ledger row is written last, so a crash at any step leaves no version at all; every step is
-idempotent, so ingesting the same batch again completes whatever the crash left undone.
+idempotent, so ingesting the same batch again completes whatever the crash left undone. A full or
+read-only disk is one ``WorkspaceWriteError`` naming the path and the fix, and what a refused
+``dvc add`` left behind is taken back, so ``git status`` stays clean.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from tasks.ledger import (
 from tasks.migrate import migrated_engine
 from tasks.settings import StrataSettings
 from tasks.validate import BatchPlan, Limits, plan_batch, unpacked
-from tasks.versioning import commit_paths, dvc_add, dvc_file, dvc_lock, dvc_push
+from tasks.versioning import commit_paths, dvc_add, dvc_file, dvc_lock, dvc_push, git
+from tasks.workspace import refused_write, workspace_writes
 
 BATCHES = Path("data") / "batches"
 EVENT = "strata.batch.ingested"
@@ -55,7 +58,7 @@ def ingest(settings: StrataSettings, source: Path, learner: str, test_fraction: 
     check_learner_name(learner)
     engine = migrated_engine(settings.ledger_url)
     try:
-        with unpacked(source, limits) as root:
+        with workspace_writes("ingest"), unpacked(source, limits) as root:
             plan = plan_batch(root, test_fraction, seed, limits, label=source)
             with dvc_lock(settings.workspace):  # also serialises ledger check and record per workspace
                 existing = _check_against_ledger(engine, plan, learner)
@@ -64,9 +67,14 @@ def ingest(settings: StrataSettings, source: Path, learner: str, test_fraction: 
                 target = settings.workspace / BATCHES / plan.batch_id
                 if not _matches(plan, target):
                     _copy(plan, target)
-                out = dvc_add(settings.workspace, target)
-                rev = commit_paths(settings.workspace, [dvc_file(target), target.parent / ".gitignore"],
-                                   f"strata: ingest {plan.batch_id} for learner {learner}")
+                try:
+                    out = dvc_add(settings.workspace, target)
+                    rev = commit_paths(settings.workspace, [dvc_file(target), target.parent / ".gitignore"],
+                                       f"strata: ingest {plan.batch_id} for learner {learner}")
+                except Exception as exc:
+                    if refused_write(exc) is not None:
+                        _remove_uncommitted(settings.workspace, target)
+                    raise
                 dvc_push(settings.workspace, target)
                 result = _record(engine, settings, plan, learner, target, out.md5, out.hash_name, rev)
     finally:
@@ -112,6 +120,24 @@ def _copy(plan: BatchPlan, target: Path) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_uncommitted(workspace: Path, target: Path) -> None:
+    """Take back a copy that ``dvc add`` could not finish on a full or read-only disk, unless a commit holds it.
+
+    The copy, its half-written ``.dvc`` file and DVC's ``.gitignore`` line would leave ``git status``
+    dirty, and on a full disk the copy takes up the very space the user is asked to free; the batch's
+    source is still there to ingest again.
+    """
+    if git(workspace, "ls-files", "--", dvc_file(target).relative_to(workspace).as_posix()):
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    dvc_file(target).unlink(missing_ok=True)
+    gitignore = (target.parent / ".gitignore").relative_to(workspace).as_posix()
+    if git(workspace, "ls-files", "--", gitignore):
+        git(workspace, "checkout", "HEAD", "--", gitignore)
+    else:
+        (workspace / gitignore).unlink(missing_ok=True)
 
 
 def _record(engine: Engine, settings: StrataSettings, plan: BatchPlan, learner: str, target: Path, md5: str,
