@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/strata demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks models tests benchmarks

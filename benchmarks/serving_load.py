@@ -13,7 +13,8 @@ the server has swapped (at most ``--reload-timeout`` more seconds).
 Figures: requests, transport errors and non-2xx answers (counts and the first messages), latency
 percentiles and throughput of the 2xx answers, answers per version for requests sent before and after
 the move, the seconds from the move to the first v2 answer, v1 answers to requests sent after that
-(must be 0: a swap is one assignment), and whether the server logged the reload. Client and server
+(must be 0: a swap is one assignment), whether the server logged the reload, the answers to a request
+without the key and with a wrong one (401 each), and whether either key reached the server's log. Client and server
 share this machine's cores, so the figures are for the pair, and comparable only on the same machine.
 
     python -m benchmarks.serving_load [--clients 50 --seconds 20 --backbone tiny --poll-seconds 0.2]
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reload-timeout", type=float, default=60.0, help="longest wait for the swap")
     args = parser.parse_args(argv)
     common.setup(args)
-    api_key = secrets.token_urlsafe(24)
+    api_key, wrong_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="strata-load-") as scratch, ThreadPoolExecutor(1) as pool:
         versions = Versions(load_settings(Path(scratch) / "workspace"), args.backbone)
         old = versions.register(2)
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"serving v{old} …", file=sys.stderr)
         with strata_serve(source, log, api_key, args.poll_seconds) as url:
             new = pending.result()
+            refused = {name: httpx.post(f"{url}/predict", files={"files": ("x.png", png(versions.size, 0))},
+                                        headers=headers, timeout=30).status_code
+                       for name, headers in (("missing_key", {}), ("wrong_key", {"X-API-Key": wrong_key}))}
             print(f"{args.clients} clients for {args.seconds:g} s, champion → v{new} halfway …", file=sys.stderr)
             load = Load(url, api_key, png(versions.size, 0), new)
             times = asyncio.run(drive(load, args.clients, args.seconds, args.reload_timeout,
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "serving_load", "clients": args.clients, "seconds": args.seconds,
         **summarise(load, times, old),
         "server_logged_reload": f"version {new} (was {old})" in server_log,
-        "api_key_in_server_log": api_key in server_log,
+        "refused_without_the_key": refused,
+        "keys_in_server_log": api_key in server_log or wrong_key in server_log,
         "setup": {"server": f"strata serve --learner {LEARNER} --alias champion (subprocess, 127.0.0.1, API key)",
                   "poll_seconds": args.poll_seconds, "client": "httpx.AsyncClient, one connection per client",
                   "request": f"one {versions.size}x{versions.size} PNG (multipart)",

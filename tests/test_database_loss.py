@@ -16,7 +16,7 @@ from flows.learn import LearnParams, learn
 from models.methods.base import Method
 from tasks.increments import increments
 from tasks.ingest import ingest
-from tasks.ledger import LearnedClass, LedgerError, find_learner, ledger_session
+from tasks.ledger import LearnedClass, LedgerError, find_learner, ledger_session, make_engine
 from tasks.migrate import migrated_engine
 from tasks.registry import GateConfig
 from tasks.settings import load_settings
@@ -28,16 +28,22 @@ SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture()
-def pg_workspace(tmp_path, monkeypatch, digit_batches):
-    """A workspace whose ledger and MLflow store are one scratch PostgreSQL database, one batch ingested."""
+def pg_database():
     with scratch_postgres_database("strata_loss") as database:
-        url = f"{SERVER}/{database}"
-        monkeypatch.setenv("STRATA_LEDGER_URL", url)
-        monkeypatch.setenv("STRATA_MLFLOW_TRACKING_URI", url)
-        init_workspace(tmp_path / "ws")
-        settings = load_settings(tmp_path / "ws")
-        ingest(settings, digit_batches[0], "digits")
-        yield settings, database
+        yield database
+
+
+@pytest.fixture()
+def pg_workspace(tmp_path, monkeypatch, digit_batches, pg_database):
+    """A workspace whose ledger and MLflow store are one scratch PostgreSQL database, two batches ingested."""
+    url = f"{SERVER}/{pg_database}"
+    monkeypatch.setenv("STRATA_LEDGER_URL", url)
+    monkeypatch.setenv("STRATA_MLFLOW_TRACKING_URI", url)
+    init_workspace(tmp_path / "ws")
+    settings = load_settings(tmp_path / "ws")
+    for batch in digit_batches[:2]:
+        ingest(settings, batch, "digits")
+    return settings, pg_database
 
 
 def _terminate(database: str, pid: int | None = None) -> int:
@@ -64,58 +70,51 @@ def _ledger(settings):
     return rows, classes
 
 
-def test_connections_dropped_while_idle_are_replaced_and_the_run_goes_on(pg_workspace, prefect_server, monkeypatch):
+def test_dropped_connections_mid_learn_are_replaced_or_fail_clearly_and_the_next_learn_completes(
+        pg_workspace, prefect_server, monkeypatch):
+    """Task 0: every connection on the database is terminated as training starts (a restart): the pooled ones
+    are pre-pinged and replaced, and the run goes on. Task 1: the ledger's connection dies between the
+    increment's first class row and its commit: the database rolls the whole increment back and the run
+    fails naming the cause. The next ``learn`` records task 1 and removes the version left unrecorded."""
     settings, database = pg_workspace
     original = Method.learn
-    terminated = []
+    terminated, armed, fired = [], [], []
 
     def learn_after_a_restart(self, task, engine):
-        terminated.append(_terminate(database))  # the ledger's and MLflow's pooled connections
+        if task.index == 0:
+            terminated.append(_terminate(database))  # the ledger's and MLflow's pooled connections
+        else:
+            armed.append(task.index)  # task 1's commit is the next one to write class rows
         return original(self, task, engine)
 
-    monkeypatch.setattr(Method, "learn", learn_after_a_restart)
-    result = _learn(settings)
-
-    assert terminated and terminated[0] >= 1
-    assert [item["promoted"] for item in result["learned"]] == [True]
-    assert _ledger(settings) == ([(0, "succeeded")], ["0", "1"])
-    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-    assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "1"
-
-
-def test_a_connection_lost_inside_the_ledger_commit_fails_clearly_and_writes_nothing(pg_workspace, prefect_server):
-    """The backend dies between the increment's first class row and its commit: the database rolls the
-    whole increment back, the run fails naming the cause, and the next ``learn`` records it."""
-    settings, _ = pg_workspace
-    fired = []
-
-    def terminate_mid_transaction(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("INSERT INTO classes") and not fired:
+    def terminate_inside_the_commit(conn, cursor, statement, parameters, context, executemany):
+        if armed and not fired and statement.startswith("INSERT INTO classes"):
             fired.append(_terminate("", cursor.connection.info.backend_pid))
 
-    event.listen(Engine, "before_cursor_execute", terminate_mid_transaction)
+    monkeypatch.setattr(Method, "learn", learn_after_a_restart)
+    event.listen(Engine, "before_cursor_execute", terminate_inside_the_commit)
     try:
         with pytest.raises(LedgerError, match="lost the connection to the ledger database .*run the command again"):
             _learn(settings)
     finally:
-        event.remove(Engine, "before_cursor_execute", terminate_mid_transaction)
+        event.remove(Engine, "before_cursor_execute", terminate_inside_the_commit)
 
-    assert fired == [1]
+    assert terminated and terminated[0] >= 1 and fired == [1]
     rows, classes = _ledger(settings)
-    assert rows == [(0, "failed")] and classes == []  # no class rows of a half-recorded increment
+    assert rows == [(0, "succeeded"), (1, "failed")]
+    assert classes == ["0", "1"]  # none of task 1's class rows
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-    assert "champion" not in client.get_registered_model("strata-digits").aliases
+    assert client.get_registered_model("strata-digits").aliases["champion"] == 1
 
     _learn(settings)
-    assert _ledger(settings) == ([(0, "succeeded")], ["0", "1"])
-    (version,) = client.search_model_versions("name = 'strata-digits'")  # the unrecorded one was removed
-    assert client.get_registered_model("strata-digits").aliases == {"champion": int(version.version),
-                                                                      "candidate": int(version.version)}
+    assert _ledger(settings) == ([(0, "succeeded"), (1, "succeeded")], ["0", "1", "2", "3"])
+    versions = sorted(int(v.version) for v in client.search_model_versions("name = 'strata-digits'"))
+    assert versions == [1, 3]  # version 2 was registered for task 1 but never recorded: removed
+    assert client.get_registered_model("strata-digits").aliases == {"champion": 3, "candidate": 3}
 
 
-def test_ledger_sessions_outside_learn_report_a_lost_connection_the_same_way(pg_workspace):
-    settings, _ = pg_workspace
-    engine = migrated_engine(settings.ledger_url)
+def test_ledger_sessions_outside_learn_report_a_lost_connection_the_same_way(pg_database):
+    engine = make_engine(f"{SERVER}/{pg_database}")
     try:
         with pytest.raises(LedgerError, match="postgres@127.0.0.1:5432/.*terminating connection"):
             with ledger_session(engine) as session:

@@ -19,5 +19,7 @@ def test_fifty_clients_see_no_error_and_the_champion_move_drops_no_request(capsy
     assert figures["versions_after_move"].get("2", 0) > 0 and figures["reload_observed"]
     assert figures["during_swap"]["requests"] > 0 and figures["during_swap"]["failed"] == 0
     assert figures["old_version_after_reload"] == 0  # once v2 answered, every later request got v2
-    assert figures["server_logged_reload"] and not figures["api_key_in_server_log"]
+    assert figures["server_logged_reload"]
+    assert figures["refused_without_the_key"] == {"missing_key": 401, "wrong_key": 401}
+    assert not figures["keys_in_server_log"]  # neither the right key nor the wrong one a client sent
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]

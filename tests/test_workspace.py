@@ -93,15 +93,18 @@ def test_cli_ingest_data_and_db_commands(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_root_pipeline(tmp_path):
-    """stream → benchmark → report on digits with the tiny backbone, in a copy of the repository."""
+def test_dvc_repro_runs_the_root_pipeline(tmp_path, prefect_server):
+    """stream → benchmark → report on digits with the tiny backbone, in a copy of the repository; the
+    benchmark stage's flow reports to the session's Prefect server instead of starting its own."""
+    from prefect.settings import PREFECT_API_URL
+
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, tmp_path / name)
     for name in (".dvc", "flows", "tasks", "models", "migrations"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
     git(tmp_path, "init", "-q")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(tmp_path)}
+           "PYTHONPATH": str(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
     dvc = [sys.executable, "-m", "dvc"]
     result = subprocess.run([*dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
