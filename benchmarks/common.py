@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from models.backbones import Backbone, build_backbone
-from models.engine import Engine
-from models.streams import Task
+from strata.models.backbones import Backbone, build_backbone
+from strata.models.engine import Engine
+from strata.models.streams import Task
 
 TINY = "tiny"
 VIT_B16 = "vit_base_patch16_224.augreg_in21k"
-MEMORY_METHOD = ("CPU: peak RSS above the RSS before the step (getrusage ru_maxrss after resetting the kernel's "
-                 "high-water mark via /proc/self/clear_refs); CUDA: torch.cuda.max_memory_allocated delta")
+MEMORY_METHOD = (
+    "CPU: peak RSS above the RSS before the step (getrusage ru_maxrss after resetting the kernel's "
+    "high-water mark via /proc/self/clear_refs); CUDA: torch.cuda.max_memory_allocated delta"
+)
 
 
 class TensorImages(Dataset):
@@ -50,8 +52,9 @@ class TensorImages(Dataset):
         return self
 
 
-def synthetic_tasks(num_tasks: int, classes_per_task: int, images_per_task: int, image_size: int,
-                    seed: int = 0) -> list[Task]:
+def synthetic_tasks(
+    num_tasks: int, classes_per_task: int, images_per_task: int, image_size: int, seed: int = 0
+) -> list[Task]:
     """``num_tasks`` tasks of random pixels in [0, 1], classes assigned round-robin."""
     generator = torch.Generator().manual_seed(seed)
     tasks = []
@@ -132,14 +135,20 @@ def machine() -> dict:
     """Where the figures come from: they are only comparable on the same machine."""
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2),  # other processes sharing the CPU skew timings
     }
 

@@ -7,14 +7,14 @@ at a time and makes the others wait (the ledger's busy timeout, MLflow's own); P
 
 Each writer is a spawned process (nothing inherited from this one) acting like ``strata ingest`` then
 ``strata learn`` of its learner ``writer-<n>``, round after round, through Strata's real task functions
-minus DVC and training: it records a data version through the ORM as ``tasks.ingest`` does after its
+minus DVC and training: it records a data version through the ORM as ``strata.tasks.data.ingest`` does after its
 DVC steps, then takes the learner's lease, starts the increment, opens the parent and child MLflow runs,
-logs params, metrics, tags and the data input (``tracking.log_increment``), registers a model version,
+logs params, metrics, tags and the data input (``runs.log_increment``), registers a model version,
 moves the ``candidate`` and ``champion`` aliases, finishes the increment and records the promotion.
 
 Two phases start behind barriers so that all writers hit the stores together:
 
-* ``first_use``: every writer's first ``tracking.configure`` at once on an empty MLflow database, the
+* ``first_use``: every writer's first ``runs.configure`` at once on an empty MLflow database, the
   way the first ``learn`` runs of a new workspace create MLflow's store (the ledger is migrated
   beforehand, as ``strata init`` does);
 * ``rounds``: the writes; ``writes_per_s`` is the number of items found stored afterwards (ledger rows,
@@ -46,8 +46,8 @@ from mlflow import MlflowClient
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Engine, make_url
 
-from tasks import migrate, registry, tracking
-from tasks.increments import (
+from strata.tasks.ledger import migrate
+from strata.tasks.ledger.increments import (
     configure_learner,
     fail_interrupted_increments,
     finish_increment,
@@ -56,7 +56,7 @@ from tasks.increments import (
     record_promotion,
     start_increment,
 )
-from tasks.ledger import (
+from strata.tasks.ledger.store import (
     DataVersion,
     Increment,
     LearnedClass,
@@ -68,7 +68,8 @@ from tasks.ledger import (
     ledger_session,
     process_holder,
 )
-from tasks.settings import StrataSettings, load_settings, redact_url
+from strata.tasks.tracking import promotion, runs
+from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
 
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 START_TIMEOUT_S = 180  # spawning, imports and the first use of the stores
@@ -76,7 +77,7 @@ ROUNDS_TIMEOUT_S = 600
 CLASSES_PER_ROUND = 2
 LOSSES = [0.9, 0.5]
 PARAMS = {"method": "simplecil", "backbone": "tiny", "seed": 0, "config": {"train": {"epochs": 2, "lr": 0.01}}}
-CHILD_METRICS = len(tracking.STEP_METRICS) + 1 + len(LOSSES)  # step metrics, Ā, one train_loss per epoch
+CHILD_METRICS = len(runs.STEP_METRICS) + 1 + len(LOSSES)  # step metrics, Ā, one train_loss per epoch
 PARENT_METRICS = 2  # accuracy and Ā at the task's step
 LEFTOVERS = ("other_increments", "leases_left")  # counted to be zero, not writes
 
@@ -90,18 +91,27 @@ def batch_id(writer: int, round_index: int) -> str:
 
 
 def record_version(engine: Engine, settings: StrataSettings, learner: str, batch: str, classes: list[str]) -> None:
-    """The ledger row ``tasks.ingest`` writes once DVC has versioned and pushed the batch."""
+    """The ledger row ``strata.tasks.data.ingest`` writes once DVC has versioned and pushed the batch."""
     with ledger_session(engine) as session:
-        session.add(DataVersion(batch_id=batch, learner=get_or_create_learner(session, learner),
-                                path=f"data/batches/{batch}", classes={c: {"train": 3, "test": 1} for c in classes},
-                                split={"kind": "seeded", "seed": 0}, md5=uuid.uuid4().hex, hash_name="md5",
-                                git_rev=uuid.uuid4().hex + "0" * 8, remote=settings.dvc_remote))
+        session.add(
+            DataVersion(
+                batch_id=batch,
+                learner=get_or_create_learner(session, learner),
+                path=f"data/batches/{batch}",
+                classes={c: {"train": 3, "test": 1} for c in classes},
+                split={"kind": "seeded", "seed": 0},
+                md5=uuid.uuid4().hex,
+                hash_name="md5",
+                git_rev=uuid.uuid4().hex + "0" * 8,
+                remote=settings.dvc_remote,
+            )
+        )
 
 
 def learn_round(engine: Engine, client: MlflowClient, settings: StrataSettings, writer: int, state_dir: Path) -> None:
     """One ``learn`` of the writer's learner: its one pending version, with the flow's ledger and MLflow writes."""
     learner = learner_name(writer)
-    name = tracking.model_name(learner)
+    name = runs.model_name(learner)
     with ledger_session(engine) as session:
         learner_id = configure_learner(session, learner, "simplecil", "tiny", {}).id
     with learner_lease(engine, learner_id, process_holder(learner), timedelta(minutes=5)):
@@ -112,31 +122,53 @@ def learn_round(engine: Engine, client: MlflowClient, settings: StrataSettings, 
             (version,) = [(v.id, v.batch_id, sorted(v.classes)) for v in pending_versions(session, row)]
         version_id, batch, classes = version
         task_index = len(history)
-        tracking.end_interrupted_runs(client, learner)
+        runs.end_interrupted_runs(client, learner)
         if task_index == 0:
             client.create_registered_model(name)
-        with tracking.learn_run(client, settings, learner, {"strata.writer": str(writer)}) as parent_run_id:
+        with runs.learn_run(client, settings, learner, {"strata.writer": str(writer)}) as parent_run_id:
             increment_id = start_increment(engine, learner_id, task_index, version_id)
-            summary = {key: [0.5] * (task_index + 1) for key in tracking.STEP_METRICS}
+            summary = {key: [0.5] * (task_index + 1) for key in runs.STEP_METRICS}
             summary["average_incremental_accuracy"] = 0.5
             tags = {"strata.learner": learner, "strata.task_index": str(task_index), "strata.batch_id": batch}
-            data = {"uri": str(settings.workspace / "data" / "batches" / batch), "name": batch,
-                    "md5": "0" * 32, "git_rev": "0" * 40}
+            data = {
+                "uri": str(settings.workspace / "data" / "batches" / batch),
+                "name": batch,
+                "md5": "0" * 32,
+                "git_rev": "0" * 40,
+            }
             experiment = client.get_run(parent_run_id).info.experiment_id
-            with mlflow.start_run(experiment_id=experiment, parent_run_id=parent_run_id, nested=True,
-                                  run_name=f"task {task_index} ({batch})") as child:
-                tracking.log_increment(task_index, PARAMS, summary, LOSSES, tags, data, [], state_dir)
-                registry.remove_unrecorded_versions(client, name, task_index,
-                                                    {t.model_version for t in history if t.model_version})
-                registered = str(client.create_model_version(name, f"{child.info.artifact_uri}/state",
-                                                             child.info.run_id,
-                                                             tags={"strata.task_index": str(task_index)}).version)
-            tracking.log_parent_metrics(client, parent_run_id, task_index, summary)
-            finish_increment(engine, increment_id, classes, task_index * CLASSES_PER_ROUND, str(state_dir),
-                             {"accuracy": 0.5}, child.info.run_id, registered)
-        registry.set_alias(client, name, registry.CANDIDATE, registered)
-        previous = registry.alias_version(client, name, registry.CHAMPION)
-        registry.set_alias(client, name, registry.CHAMPION, registered)
+            with mlflow.start_run(
+                experiment_id=experiment,
+                parent_run_id=parent_run_id,
+                nested=True,
+                run_name=f"task {task_index} ({batch})",
+            ) as child:
+                runs.log_increment(task_index, PARAMS, summary, LOSSES, tags, data, [], state_dir)
+                promotion.remove_unrecorded_versions(
+                    client, name, task_index, {t.model_version for t in history if t.model_version}
+                )
+                registered = str(
+                    client.create_model_version(
+                        name,
+                        f"{child.info.artifact_uri}/state",
+                        child.info.run_id,
+                        tags={"strata.task_index": str(task_index)},
+                    ).version
+                )
+            runs.log_parent_metrics(client, parent_run_id, task_index, summary)
+            finish_increment(
+                engine,
+                increment_id,
+                classes,
+                task_index * CLASSES_PER_ROUND,
+                str(state_dir),
+                {"accuracy": 0.5},
+                child.info.run_id,
+                registered,
+            )
+        promotion.set_alias(client, name, promotion.CANDIDATE, registered)
+        previous = promotion.alias_version(client, name, promotion.CHAMPION)
+        promotion.set_alias(client, name, promotion.CHAMPION, registered)
         record_promotion(engine, learner_id, registered, previous, "gate", "concurrent-writers benchmark")
 
 
@@ -151,8 +183,9 @@ class Problems(logging.Handler):
         self.messages.append(f"{record.name}: {record.getMessage()}"[:2000])
 
 
-def writer_process(writer: int, rounds: int, workspace: str, ledger_url: str, tracking_uri: str,
-                   barrier: Any, results: Any) -> None:
+def writer_process(
+    writer: int, rounds: int, workspace: str, ledger_url: str, tracking_uri: str, barrier: Any, results: Any
+) -> None:
     """One writer: wait, first use of the stores, wait, ``rounds`` rounds; report what went wrong."""
     problems = Problems()
     for logger in ("", "mlflow"):  # MLflow's loggers do not propagate to the root
@@ -169,7 +202,7 @@ def writer_process(writer: int, rounds: int, workspace: str, ledger_url: str, tr
         barrier.wait(START_TIMEOUT_S)
         started = time.perf_counter()
         try:
-            client = tracking.configure(settings)
+            client = runs.configure(settings)
         except Exception:
             errors.append(traceback.format_exc())
         timings["first_use_s"] = time.perf_counter() - started
@@ -197,17 +230,28 @@ def writer_process(writer: int, rounds: int, workspace: str, ledger_url: str, tr
 
 def expected_counts(writers: int, rounds: int) -> dict[str, dict[str, int]]:
     """What the stores hold once every round of every writer succeeded."""
-    runs = writers * rounds
+    total = writers * rounds
     return {
-        "ledger": {"learners": writers, "data_versions": runs, "succeeded_increments": runs,
-                   "other_increments": 0, "classes": runs * CLASSES_PER_ROUND, "promotions": runs,
-                   "leases_left": 0},
-        "mlflow": {"experiments": writers, "finished_runs": 2 * runs,
-                   "params": runs * len(tracking.flatten("", PARAMS)),
-                   "metric_points": runs * (CHILD_METRICS + PARENT_METRICS),
-                   "strata_tags": runs * 5,  # child: learner, task_index, batch_id; parent: learner, writer
-                   "dataset_inputs": runs, "registered_models": writers, "model_versions": runs,
-                   "aliases_on_last_version": 2 * writers},
+        "ledger": {
+            "learners": writers,
+            "data_versions": total,
+            "succeeded_increments": total,
+            "other_increments": 0,
+            "classes": total * CLASSES_PER_ROUND,
+            "promotions": total,
+            "leases_left": 0,
+        },
+        "mlflow": {
+            "experiments": writers,
+            "finished_runs": 2 * total,
+            "params": total * len(runs.flatten("", PARAMS)),
+            "metric_points": total * (CHILD_METRICS + PARENT_METRICS),
+            "strata_tags": total * 5,  # child: learner, task_index, batch_id; parent: learner, writer
+            "dataset_inputs": total,
+            "registered_models": writers,
+            "model_versions": total,
+            "aliases_on_last_version": 2 * writers,
+        },
     }
 
 
@@ -215,14 +259,19 @@ def ledger_counts(ledger_url: str) -> dict[str, int]:
     engine = migrate.migrated_engine(ledger_url)
     try:
         with ledger_session(engine) as session:
+
             def count(model, *where) -> int:
                 return session.scalar(select(func.count()).select_from(model).where(*where))
 
-            return {"learners": count(Learner, Learner.name.like("writer-%")),
-                    "data_versions": count(DataVersion), "succeeded_increments": count(Increment,
-                                                                                     Increment.status == "succeeded"),
-                    "other_increments": count(Increment, Increment.status != "succeeded"),
-                    "classes": count(LearnedClass), "promotions": count(Promotion), "leases_left": count(Lease)}
+            return {
+                "learners": count(Learner, Learner.name.like("writer-%")),
+                "data_versions": count(DataVersion),
+                "succeeded_increments": count(Increment, Increment.status == "succeeded"),
+                "other_increments": count(Increment, Increment.status != "succeeded"),
+                "classes": count(LearnedClass),
+                "promotions": count(Promotion),
+                "leases_left": count(Lease),
+            }
     finally:
         engine.dispose()
 
@@ -233,16 +282,15 @@ def mlflow_counts(tracking_uri: str, writers: int, rounds: int) -> dict[str, int
     counts = dict.fromkeys(expected_counts(writers, rounds)["mlflow"], 0)
     experiments = [e for e in client.search_experiments() if e.name.startswith("strata/writer-")]
     counts["experiments"] = len(experiments)
-    runs = client.search_runs([e.experiment_id for e in experiments], max_results=50000) if experiments else []
-    for run in runs:
+    found = client.search_runs([e.experiment_id for e in experiments], max_results=50000) if experiments else []
+    for run in found:
         counts["finished_runs"] += run.info.status == "FINISHED"
         counts["params"] += len(run.data.params)
-        counts["metric_points"] += sum(len(client.get_metric_history(run.info.run_id, key))
-                                       for key in run.data.metrics)
+        counts["metric_points"] += sum(len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics)
         counts["strata_tags"] += sum(key.startswith("strata.") for key in run.data.tags)
         counts["dataset_inputs"] += len(run.inputs.dataset_inputs) if run.inputs else 0
     for writer in range(writers):
-        name = tracking.model_name(learner_name(writer))
+        name = runs.model_name(learner_name(writer))
         models = client.search_registered_models(f"name = '{name}'")
         if not models:
             continue
@@ -276,8 +324,12 @@ def run_writers(writers: int, rounds: int, workspace: Path, ledger_url: str, tra
     """Start the writers together, time both phases, and gather what each reports."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(writers + 1), context.Queue()
-    processes = [context.Process(target=writer_process, args=(n, rounds, str(workspace), ledger_url, tracking_uri,
-                                                              barrier, results)) for n in range(writers)]
+    processes = [
+        context.Process(
+            target=writer_process, args=(n, rounds, str(workspace), ledger_url, tracking_uri, barrier, results)
+        )
+        for n in range(writers)
+    ]
     for process in processes:
         process.start()
     reports, phases, errors = [], {}, []
@@ -300,9 +352,15 @@ def run_writers(writers: int, rounds: int, workspace: Path, ledger_url: str, tra
             errors.append(f"writer process {process.pid} exited with code {process.exitcode}")
     for report in sorted(reports, key=lambda r: r["writer"]):
         errors += [f"writer {report['writer']}: {error}" for error in report["errors"]]
-    return {"phases": phases, "errors": errors, "logged": [m for r in reports for m in r["logged"]],
-            "writers": {r["writer"]: {k: round(r[k], 3) for k in ("first_use_s", "rounds_s", "slowest_round_s")
-                                      if k in r} for r in reports}}
+    return {
+        "phases": phases,
+        "errors": errors,
+        "logged": [m for r in reports for m in r["logged"]],
+        "writers": {
+            r["writer"]: {k: round(r[k], 3) for k in ("first_use_s", "rounds_s", "slowest_round_s") if k in r}
+            for r in reports
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -310,8 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="ingest + learn rounds per writer")
-    parser.add_argument("--server", default=POSTGRES_SERVER,
-                        help="PostgreSQL server (SQLAlchemy URL) on which to create two scratch databases")
+    parser.add_argument(
+        "--server",
+        default=POSTGRES_SERVER,
+        help="PostgreSQL server (SQLAlchemy URL) on which to create two scratch databases",
+    )
     parser.add_argument("--ledger-url", help="an empty database for the ledger instead of a scratch one")
     parser.add_argument("--tracking-uri", help="an empty database for MLflow instead of a scratch one")
     args = parser.parse_args(argv)
@@ -330,8 +391,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         outcome = run_writers(args.writers, args.rounds, workspace, ledger_url, tracking_uri)
         expected = expected_counts(args.writers, args.rounds)
         found = {}
-        for store, count in (("ledger", lambda: ledger_counts(ledger_url)),
-                             ("mlflow", lambda: mlflow_counts(tracking_uri, args.writers, args.rounds))):
+        for store, count in (
+            ("ledger", lambda: ledger_counts(ledger_url)),
+            ("mlflow", lambda: mlflow_counts(tracking_uri, args.writers, args.rounds)),
+        ):
             try:
                 found[store] = count()
             except Exception as exc:  # a store the writers broke is a finding, not a crash of the benchmark
@@ -340,21 +403,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stored = sum(value for counts in found.values() for key, value in counts.items() if key not in LEFTOVERS)
     first_use_s, rounds_s = outcome["phases"].get("first_use_s"), outcome["phases"].get("rounds_s")
     document = {
-        "benchmark": "concurrent_writers", "backend": args.backend, "writers": args.writers, "rounds": args.rounds,
-        "ledger_url": redact_url(ledger_url), "tracking_uri": redact_url(tracking_uri),
+        "benchmark": "concurrent_writers",
+        "backend": args.backend,
+        "writers": args.writers,
+        "rounds": args.rounds,
+        "ledger_url": redact_url(ledger_url),
+        "tracking_uri": redact_url(tracking_uri),
         "first_use_s": round(first_use_s, 3) if first_use_s else None,
         "rounds_s": round(rounds_s, 3) if rounds_s else None,
-        "writes": stored, "writes_per_s": round(stored / rounds_s, 1) if rounds_s else None,
+        "writes": stored,
+        "writes_per_s": round(stored / rounds_s, 1) if rounds_s else None,
         "rounds_per_s": round(args.writers * args.rounds / rounds_s, 2) if rounds_s else None,
         "slowest_round_s": max((w.get("slowest_round_s", 0.0) for w in outcome["writers"].values()), default=None),
-        "counts": {store: {key: {"expected": value, "found": found[store][key]} for key, value in counts.items()}
-                   for store, counts in expected.items()},
-        "lost_writes": sum(max(value - found[store][key], 0) for store, counts in expected.items()
-                           for key, value in counts.items()),
-        "error_count": len(outcome["errors"]), "errors": outcome["errors"],
+        "counts": {
+            store: {key: {"expected": value, "found": found[store][key]} for key, value in counts.items()}
+            for store, counts in expected.items()
+        },
+        "lost_writes": sum(
+            max(value - found[store][key], 0) for store, counts in expected.items() for key, value in counts.items()
+        ),
+        "error_count": len(outcome["errors"]),
+        "errors": outcome["errors"],
         "database_locked_logged": sum("database is locked" in m for m in outcome["logged"]),
-        "logged": outcome["logged"], "per_writer": outcome["writers"],
-        "wall_s": round(time.perf_counter() - started, 3), "machine": common.machine(),
+        "logged": outcome["logged"],
+        "per_writer": outcome["writers"],
+        "wall_s": round(time.perf_counter() - started, 3),
+        "machine": common.machine(),
     }
     common.emit(document)
     return document

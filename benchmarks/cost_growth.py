@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from models.methods import create_method
-from models.methods.base import STATE_TENSORS
+from strata.models.methods import create_method
+from strata.models.methods.base import STATE_TENSORS
 
 METHODS = ["simplecil", "lae_adapter", "ovor"]
 
@@ -36,12 +36,13 @@ def short(name: str, epochs: int, batch_size: int) -> dict:
 
 
 def growth(rows: list[dict], key: str) -> dict:
-    return {"last_vs_first": common.ratio(rows[-1][key], rows[0][key]),
-            "last_vs_second": common.ratio(rows[-1][key], rows[1][key]) if len(rows) > 1 else None}
+    return {
+        "last_vs_first": common.ratio(rows[-1][key], rows[0][key]),
+        "last_vs_second": common.ratio(rows[-1][key], rows[1][key]) if len(rows) > 1 else None,
+    }
 
 
-def run_method(name: str, backbone, stream, pixels: torch.Tensor, epochs: int, batch_size: int,
-               repeats: int) -> dict:
+def run_method(name: str, backbone, stream, pixels: torch.Tensor, epochs: int, batch_size: int, repeats: int) -> dict:
     method = create_method(name, backbone, overrides=short(name, epochs, batch_size))
     engine = common.engine()
     rows = []
@@ -55,15 +56,29 @@ def run_method(name: str, backbone, stream, pixels: torch.Tensor, epochs: int, b
                 infer_s = common.median_seconds(lambda: method(pixels), repeats)
             state = method.save_state(Path(directory) / f"task{task.index}")
             baseline_s = common.median_seconds(
-                lambda task=task: engine.extract(backbone, task.train.with_transform(method.test_transform()),
-                                                 batch_size), 1)
-            rows.append({"task": task.index + 1, "train_s": round(train_s, 4), "inference_s": round(infer_s, 5),
-                         "state_bytes": (state / STATE_TENSORS).stat().st_size,
-                         "baseline_s": round(baseline_s, 4),
-                         "train_vs_baseline": common.ratio(train_s, baseline_s)})
-    return {"tasks": rows, "train_s": growth(rows, "train_s"), "inference_s": growth(rows, "inference_s"),
-            "state_bytes": growth(rows, "state_bytes"), "baseline_s": growth(rows, "baseline_s"),
-            "train_vs_baseline": growth(rows, "train_vs_baseline")}
+                lambda task=task: engine.extract(
+                    backbone, task.train.with_transform(method.test_transform()), batch_size
+                ),
+                1,
+            )
+            rows.append(
+                {
+                    "task": task.index + 1,
+                    "train_s": round(train_s, 4),
+                    "inference_s": round(infer_s, 5),
+                    "state_bytes": (state / STATE_TENSORS).stat().st_size,
+                    "baseline_s": round(baseline_s, 4),
+                    "train_vs_baseline": common.ratio(train_s, baseline_s),
+                }
+            )
+    return {
+        "tasks": rows,
+        "train_s": growth(rows, "train_s"),
+        "inference_s": growth(rows, "inference_s"),
+        "state_bytes": growth(rows, "state_bytes"),
+        "baseline_s": growth(rows, "baseline_s"),
+        "train_vs_baseline": growth(rows, "train_vs_baseline"),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,15 +95,27 @@ def main(argv: list[str] | None = None) -> dict:
     size = backbone.image_size
     stream = common.synthetic_tasks(args.tasks, 2, args.images_per_task, size)
     pixels = torch.rand(16, 3, size, size, generator=torch.Generator().manual_seed(1))
-    results = {name: run_method(name, backbone, stream, pixels, args.epochs, args.batch_size, args.repeats)
-               for name in args.methods}
-    document = {"benchmark": "cost_growth", "machine": common.machine(),
-                "config": {"backbone": args.backbone, "image_size": size, "tasks": len(stream),
-                           "classes_per_task": 2, "images_per_task": args.images_per_task,
-                           "epochs": args.epochs, "batch_size": args.batch_size,
-                           "inference_batch": len(pixels), "weights": "random-init",
-                           "baseline": "frozen-backbone pass over the task's training images"},
-                "methods": results}
+    results = {
+        name: run_method(name, backbone, stream, pixels, args.epochs, args.batch_size, args.repeats)
+        for name in args.methods
+    }
+    document = {
+        "benchmark": "cost_growth",
+        "machine": common.machine(),
+        "config": {
+            "backbone": args.backbone,
+            "image_size": size,
+            "tasks": len(stream),
+            "classes_per_task": 2,
+            "images_per_task": args.images_per_task,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "inference_batch": len(pixels),
+            "weights": "random-init",
+            "baseline": "frozen-backbone pass over the task's training images",
+        },
+        "methods": results,
+    }
     common.emit(document)
     return document
 

@@ -2,7 +2,8 @@
 
 SimpleCIL and APER embed the task's training images for their prototypes, OVOR embeds them for its VOR
 epochs; all of these are frozen-backbone features that the content-keyed feature cache
-(``tasks.feature_cache.DiskFeatureCache``, the one ``flows.learn`` uses under ``.strata/cache/features``)
+(``strata.tasks.training.feature_cache.DiskFeatureCache``, the one ``strata.flows.learn`` uses under
+``.strata/cache/features``)
 serves on a second run of the same increment (target: zero forwards). Each method learns the task twice,
 each time from the same seed with a freshly built backbone and method, through one cache in a temporary
 folder (``--no-cache`` for the uncached count). Forwards are counted as images entering ``patch_embed``
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from models.engine import seed_everything
-from models.methods import create_method
-from tasks.feature_cache import DiskFeatureCache
+from strata.models.engine import seed_everything
+from strata.models.methods import create_method
+from strata.tasks.training.feature_cache import DiskFeatureCache
 
 METHODS = {  # what in each method is a reusable frozen-backbone feature
     "simplecil": "prototypes (test transform)",
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.setup(args)
     image_size = common.backbone(args.backbone).image_size
     (task,) = common.synthetic_tasks(1, 4, args.images, image_size)
-    # the synthetic images stand for one ingested data version: give them a content key as flows.learn does
+    # the synthetic images stand for one ingested data version: give them a content key as strata.flows.learn does
     task = dataclasses.replace(task, data_key=f"synthetic-{args.images}-{image_size}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="strata-feature-cache-") as folder:
@@ -74,14 +75,23 @@ def main(argv: list[str] | None = None) -> dict:
             cache = None if args.no_cache else DiskFeatureCache(Path(folder) / name)
             first, _ = learn_once(name, args.backbone, task, cache)
             second, hits = learn_once(name, args.backbone, task, cache)
-            results[name] = {"reusable": METHODS[name], "first_run_forwards": first, "second_run_forwards": second,
-                             "second_run_cache_hits": hits, "target_second_run": 0, "met": second == 0,
-                             "vs_baseline": common.ratio(second, len(task.train)) or 0.0}
-    cache_what = None if args.no_cache else "tasks.feature_cache.DiskFeatureCache (temporary folder)"
-    document = {"benchmark": "feature_reuse", "machine": common.machine(),
-                "config": {"backbone": args.backbone, "images": len(task.train), "cache": cache_what},
-                "baseline": {"what": "one backbone forward per training image", "forwards": len(task.train)},
-                "methods": results}
+            results[name] = {
+                "reusable": METHODS[name],
+                "first_run_forwards": first,
+                "second_run_forwards": second,
+                "second_run_cache_hits": hits,
+                "target_second_run": 0,
+                "met": second == 0,
+                "vs_baseline": common.ratio(second, len(task.train)) or 0.0,
+            }
+    cache_what = None if args.no_cache else "strata.tasks.training.feature_cache.DiskFeatureCache (temporary folder)"
+    document = {
+        "benchmark": "feature_reuse",
+        "machine": common.machine(),
+        "config": {"backbone": args.backbone, "images": len(task.train), "cache": cache_what},
+        "baseline": {"what": "one backbone forward per training image", "forwards": len(task.train)},
+        "methods": results,
+    }
     common.emit(document)
     return document
 

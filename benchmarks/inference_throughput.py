@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from models.methods import create_method
-from models.methods.base import Method
-from tasks.onnx_export import export_method
-from tasks.providers import create_session
+from strata.models.methods import create_method
+from strata.models.methods.base import Method
+from strata.tasks.export.onnx_graph import export_method
+from strata.tasks.serving.providers import create_session
 
 METHODS = ["simplecil", "aper_adapter", "lae_adapter", "lae_prefix", "ovor"]
 BASELINE = "simplecil"
@@ -37,6 +37,7 @@ def torch_rate(method: Method, pixels: torch.Tensor, repeats: int) -> float:
     def run():
         with torch.inference_mode():
             method(pixels)
+
     return len(pixels) / common.median_seconds(run, repeats)
 
 
@@ -51,9 +52,12 @@ def measure(method: Method, batches: dict[str, torch.Tensor], repeats: int, thre
         result = {}
         for label, pixels in batches.items():
             eager, ort = torch_rate(method, pixels, repeats), onnx_rate(session, pixels, repeats)
-            result[label] = {"torch_images_per_s": round(eager, 2), "onnxruntime_images_per_s": round(ort, 2),
-                             "ort_vs_torch_latency": common.ratio(eager, ort),
-                             "provider": session.get_providers()[0]}
+            result[label] = {
+                "torch_images_per_s": round(eager, 2),
+                "onnxruntime_images_per_s": round(ort, 2),
+                "ort_vs_torch_latency": common.ratio(eager, ort),
+                "provider": session.get_providers()[0],
+            }
     return result
 
 
@@ -68,20 +72,31 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = common.synthetic_tasks(2, 4, 8, backbone.image_size)
     generator = torch.Generator().manual_seed(1)
     size = backbone.image_size
-    batches = {"batch_1": torch.rand(1, 3, size, size, generator=generator),
-               f"batch_{args.batch_size}": torch.rand(args.batch_size, 3, size, size, generator=generator)}
+    batches = {
+        "batch_1": torch.rand(1, 3, size, size, generator=generator),
+        f"batch_{args.batch_size}": torch.rand(args.batch_size, 3, size, size, generator=generator),
+    }
     names = [BASELINE, *(n for n in args.methods if n != BASELINE)]
     results = {name: measure(built(name, backbone, tasks), batches, args.repeats, args.threads) for name in names}
     for per_batch in results.values():
         for label, figures in per_batch.items():
             reference = results[BASELINE][label]
             figures["torch_vs_simplecil"] = common.ratio(figures["torch_images_per_s"], reference["torch_images_per_s"])
-            figures["ort_vs_simplecil"] = common.ratio(figures["onnxruntime_images_per_s"],
-                                                       reference["onnxruntime_images_per_s"])
-    document = {"benchmark": "inference_throughput", "machine": common.machine(),
-                "config": {"backbone": args.backbone, "image_size": size, "repeats": args.repeats,
-                           "weights": "random-init", "baseline": BASELINE},
-                "methods": results}
+            figures["ort_vs_simplecil"] = common.ratio(
+                figures["onnxruntime_images_per_s"], reference["onnxruntime_images_per_s"]
+            )
+    document = {
+        "benchmark": "inference_throughput",
+        "machine": common.machine(),
+        "config": {
+            "backbone": args.backbone,
+            "image_size": size,
+            "repeats": args.repeats,
+            "weights": "random-init",
+            "baseline": BASELINE,
+        },
+        "methods": results,
+    }
     common.emit(document)
     return document
 

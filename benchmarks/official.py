@@ -41,12 +41,18 @@ class Codebase:
 
 
 CODEBASES = {
-    "lae": Codebase("STRATA_OFFICIAL_LAE", "gqk/LAE", "official_lae.py",
-                    ("timm==0.5.4", "torchmetrics==0.10.2", "absl-py==1.3.0", "torchinfo==1.7.1")),
-    "aper": Codebase("STRATA_OFFICIAL_APER", "zhoudw-zdw/RevisitingCIL", "official_aper.py",
-                     ("timm==0.6.12", "easydict==1.14")),
-    "ovor": Codebase("STRATA_OFFICIAL_OVOR", "jpmorganchase/ovor", "official_ovor.py",
-                     ("timm==0.4.12", "faiss-cpu==1.15.1")),
+    "lae": Codebase(
+        "STRATA_OFFICIAL_LAE",
+        "gqk/LAE",
+        "official_lae.py",
+        ("timm==0.5.4", "torchmetrics==0.10.2", "absl-py==1.3.0", "torchinfo==1.7.1"),
+    ),
+    "aper": Codebase(
+        "STRATA_OFFICIAL_APER", "zhoudw-zdw/RevisitingCIL", "official_aper.py", ("timm==0.6.12", "easydict==1.14")
+    ),
+    "ovor": Codebase(
+        "STRATA_OFFICIAL_OVOR", "jpmorganchase/ovor", "official_ovor.py", ("timm==0.4.12", "faiss-cpu==1.15.1")
+    ),
 }
 
 
@@ -75,9 +81,24 @@ def package_overlay(codebase: Codebase) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=root))
     try:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                        "--no-compile", "--target", str(staging), *codebase.packages], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(staging),
+                *codebase.packages,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         staging.rename(target)
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"could not install {' '.join(codebase.packages)}: {exc.stderr.strip()[-500:]}") from exc
@@ -89,10 +110,28 @@ def package_overlay(codebase: Codebase) -> Path:
 def run_driver(method: str, checkout: str, codebase: Codebase, config: dict) -> dict:
     """The official step's figures for ``method``, from its driver in a fresh interpreter."""
     overlay = package_overlay(codebase)
-    command = [sys.executable, "-W", "ignore", str(DRIVERS / codebase.driver), "--checkout", checkout,
-               "--method", method, "--backbone", config["backbone"], "--batch-size", str(config["batch_size"]),
-               "--steps", str(config["steps"]), "--epochs", str(config["epochs"]),
-               "--classes-per-task", str(config["classes_per_task"]), "--threads", str(torch.get_num_threads())]
+    command = [
+        sys.executable,
+        "-W",
+        "ignore",
+        str(DRIVERS / codebase.driver),
+        "--checkout",
+        checkout,
+        "--method",
+        method,
+        "--backbone",
+        config["backbone"],
+        "--batch-size",
+        str(config["batch_size"]),
+        "--steps",
+        str(config["steps"]),
+        "--epochs",
+        str(config["epochs"]),
+        "--classes-per-task",
+        str(config["classes_per_task"]),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     environment = {**os.environ, "PYTHONPATH": str(overlay), "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
     lines = result.stdout.strip().splitlines()
@@ -128,13 +167,23 @@ def summarise(official_runs: list[dict], strata_runs: list[dict]) -> dict:
     if unmeasured is not None:
         return unmeasured
     first = official_runs[0]
-    result = {"status": "measured", "codebase": first["official"]["codebase"], "commit": first["official"]["commit"],
-              "timm": first["official"]["timm"], "official": {}, "strata_vs_official": {}}
+    result = {
+        "status": "measured",
+        "codebase": first["official"]["codebase"],
+        "commit": first["official"]["commit"],
+        "timm": first["official"]["timm"],
+        "official": {},
+        "strata_vs_official": {},
+    }
     for key in ("task_0", "task_t"):
         theirs = [run["official"][key]["images_per_s"] for run in official_runs]
         ours = [run[key]["images_per_s"] for run in strata_runs]
-        result["official"][key] = {"kind": first["official"][key]["kind"], "images_per_s": statistics.median(theirs),
-                                   "per_repeat": theirs}
-        result["strata_vs_official"][key] = statistics.median(common.ratio(a, b) for a, b in zip(ours, theirs,
-                                                                                                 strict=True))
+        result["official"][key] = {
+            "kind": first["official"][key]["kind"],
+            "images_per_s": statistics.median(theirs),
+            "per_repeat": theirs,
+        }
+        result["strata_vs_official"][key] = statistics.median(
+            common.ratio(a, b) for a, b in zip(ours, theirs, strict=True)
+        )
     return result

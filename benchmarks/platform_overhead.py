@@ -1,4 +1,4 @@
-"""Platform overhead: one increment through ``flows.learn`` (Prefect + MLflow + DVC + ledger) against the
+"""Platform overhead: one increment through ``strata.flows.learn`` (Prefect + MLflow + DVC + ledger) against the
 bare method call on the same data, measured in the same run.
 
 The baseline is what the flow does that is learning proper: ``method.learn`` on the batch and
@@ -25,15 +25,15 @@ from pathlib import Path
 from statistics import median
 
 from benchmarks import common
-from models.engine import Engine, seed_everything
-from models.evaluation import evaluate
-from models.methods import create_method
-from models.streams import stream_from_batches
+from strata.models.engine import Engine, seed_everything
+from strata.models.evaluation import evaluate
+from strata.models.methods import create_method
+from strata.models.streams import stream_from_batches
 
 
 def bare_seconds(method_name: str, backbone_name: str, batch: Path) -> float:
     """Learn and evaluate the batch directly (in memory, no stores)."""
-    from tasks.datasets import read_image_folder
+    from strata.tasks.data.readers import read_image_folder
 
     dataset = read_image_folder(str(batch), 0, 0.25)
     stream = stream_from_batches("bare", [dataset])
@@ -55,11 +55,11 @@ class FlowTiming:
 
 def flow_seconds(method_name: str, backbone_name: str, batch: Path) -> FlowTiming:
     """The same increment through the learn flow in a fresh workspace (ingest and store creation not timed)."""
-    from flows.learn import LearnParams, learn
-    from tasks import tracking
-    from tasks.ingest import ingest
-    from tasks.settings import load_settings
-    from tasks.workspace import init_workspace
+    from strata.flows.learn import LearnParams, learn
+    from strata.tasks.data.ingest import ingest
+    from strata.tasks.tracking import runs
+    from strata.tasks.workspace.settings import load_settings
+    from strata.tasks.workspace.setup import init_workspace
 
     with tempfile.TemporaryDirectory(prefix="strata-overhead-") as folder:
         workspace = Path(folder) / "ws"
@@ -67,11 +67,19 @@ def flow_seconds(method_name: str, backbone_name: str, batch: Path) -> FlowTimin
         settings = load_settings(workspace)
         ingest(settings, batch, "bench")
         started = time.perf_counter()
-        tracking.configure(settings)
+        runs.configure(settings)
         store_creation = time.perf_counter() - started
         started = time.perf_counter()
-        state = learn(LearnParams(learner="bench", method=method_name, backbone=backbone_name,
-                                  workspace=str(workspace), show_progress=False), return_state=True)
+        state = learn(
+            LearnParams(
+                learner="bench",
+                method=method_name,
+                backbone=backbone_name,
+                workspace=str(workspace),
+                show_progress=False,
+            ),
+            return_state=True,
+        )
         seconds = time.perf_counter() - started
         state.result()  # raises if the flow failed: a failed run is not a timing
         return FlowTiming(seconds, store_creation, task_seconds(state.state_details.flow_run_id))
@@ -84,8 +92,11 @@ def task_seconds(flow_run_id) -> dict[str, float]:
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
     totals: dict[str, float] = {}
     for run in runs:
         name = run.name.rsplit("-", 1)[0]
@@ -103,28 +114,42 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.demo_data import write_digit_batches
+    from strata.tasks.data.demo_batches import write_digit_batches
 
-    with tempfile.TemporaryDirectory(prefix="strata-overhead-data-") as data, \
-            prefect_test_harness(server_startup_timeout=60):
+    with (
+        tempfile.TemporaryDirectory(prefix="strata-overhead-data-") as data,
+        prefect_test_harness(server_startup_timeout=60),
+    ):
         batch = write_digit_batches(Path(data))[0]
         flow_seconds(args.method, args.backbone, batch)  # warm-up: imports, MLflow's first schema creation
         bare = [bare_seconds(args.method, args.backbone, batch) for _ in range(args.repeats)]
         flowed = [flow_seconds(args.method, args.backbone, batch) for _ in range(args.repeats)]
     bare_s, flow_s = median(bare), median([timing.seconds for timing in flowed])
-    tasks = {name: round(median([timing.tasks.get(name, 0.0) for timing in flowed]), 3)
-             for name in flowed[0].tasks}
-    common.emit({
-        "benchmark": "platform_overhead", "machine": common.machine(),
-        "config": {"method": args.method, "backbone": args.backbone, "batch": "digits classes 0-1",
-                   "repeats": args.repeats},
-        "baseline": {"what": "bare method.learn + evaluate, data in memory", "seconds": bare_s},
-        "methods": {args.method: {"flow_seconds": flow_s, "overhead_seconds": flow_s - bare_s,
-                                  "flow_vs_baseline": common.ratio(flow_s, bare_s),
-                                  "overhead_fraction_of_flow": common.ratio(flow_s - bare_s, flow_s),
-                                  "tasks": tasks, "outside_tasks_seconds": round(flow_s - sum(tasks.values()), 3)}},
-        "one_time": {"mlflow_store_creation_seconds": median([t.store_creation_seconds for t in flowed])},
-    })
+    tasks = {name: round(median([timing.tasks.get(name, 0.0) for timing in flowed]), 3) for name in flowed[0].tasks}
+    common.emit(
+        {
+            "benchmark": "platform_overhead",
+            "machine": common.machine(),
+            "config": {
+                "method": args.method,
+                "backbone": args.backbone,
+                "batch": "digits classes 0-1",
+                "repeats": args.repeats,
+            },
+            "baseline": {"what": "bare method.learn + evaluate, data in memory", "seconds": bare_s},
+            "methods": {
+                args.method: {
+                    "flow_seconds": flow_s,
+                    "overhead_seconds": flow_s - bare_s,
+                    "flow_vs_baseline": common.ratio(flow_s, bare_s),
+                    "overhead_fraction_of_flow": common.ratio(flow_s - bare_s, flow_s),
+                    "tasks": tasks,
+                    "outside_tasks_seconds": round(flow_s - sum(tasks.values()), 3),
+                }
+            },
+            "one_time": {"mlflow_store_creation_seconds": median([t.store_creation_seconds for t in flowed])},
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The model is SimpleCIL over two synthetic tasks (built, not trained: the cost of a forward does not
 depend on the learned values), exported with ``export_method`` (so it passed the parity gate) and run
-in the session the server uses (``tasks.providers.create_session``); PyTorch runs ``export_module()``,
+in the session the server uses (``strata.tasks.serving.providers.create_session``); PyTorch runs ``export_module()``,
 the very module that was exported. Both take a host (CPU) batch per call, so on a GPU both pay the
 copy to the device. Per batch size: per-call latency percentiles and images/s, and the ratios
 onnxruntime / PyTorch (latency < 1 and throughput > 1 mean onnxruntime is faster).
@@ -20,18 +20,20 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from models.methods import create_method
-from tasks.onnx_export import export_method
-from tasks.providers import create_session
+from strata.models.methods import create_method
+from strata.tasks.export.onnx_graph import export_method
+from strata.tasks.serving.providers import create_session
 
 BATCH_SIZES = (1, 8, 32)
 
 
 def timings(call: Callable[[], object], iterations: int, warmup: int) -> dict:
     milliseconds = np.array(common.call_seconds(call, iterations, warmup)) * 1000
-    return {"p50_ms": round(float(np.percentile(milliseconds, 50)), 3),
-            "p99_ms": round(float(np.percentile(milliseconds, 99)), 3),
-            "mean_ms": round(float(milliseconds.mean()), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 3),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 3),
+        "mean_ms": round(float(milliseconds.mean()), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,15 +68,24 @@ def main(argv: list[str] | None = None) -> dict:
             results[str(batch)] = {
                 "onnxruntime": {**ort, "images_per_s": round(batch * 1000 / ort["mean_ms"], 1)},
                 "torch_eager": {**pt, "images_per_s": round(batch * 1000 / pt["mean_ms"], 1)},
-                "ratio_ort_over_torch": {"p50_latency": common.ratio(ort["p50_ms"], pt["p50_ms"]),
-                                         "p99_latency": common.ratio(ort["p99_ms"], pt["p99_ms"]),
-                                         "throughput": common.ratio(pt["mean_ms"], ort["mean_ms"])},
+                "ratio_ort_over_torch": {
+                    "p50_latency": common.ratio(ort["p50_ms"], pt["p50_ms"]),
+                    "p99_latency": common.ratio(ort["p99_ms"], pt["p99_ms"]),
+                    "throughput": common.ratio(pt["mean_ms"], ort["mean_ms"]),
+                },
             }
         provider = session.get_providers()[0]
-    document = {"benchmark": "serving", "model": f"simplecil on {args.backbone} (random-init weights)",
-                "image_size": size, "classes": method.num_seen, "iterations": args.iterations,
-                "torch_device": str(device), "onnxruntime_provider": provider, "machine": common.machine(),
-                "batches": results}
+    document = {
+        "benchmark": "serving",
+        "model": f"simplecil on {args.backbone} (random-init weights)",
+        "image_size": size,
+        "classes": method.num_seen,
+        "iterations": args.iterations,
+        "torch_device": str(device),
+        "onnxruntime_provider": provider,
+        "machine": common.machine(),
+        "batches": results,
+    }
     common.emit(document)
     return document
 

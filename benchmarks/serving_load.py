@@ -2,7 +2,7 @@
 
 Why this way: the server runs as ``strata serve --learner L --alias champion`` in its own process (the
 command users run, uvicorn logging included), following the alias in a throwaway workspace's MLflow
-registry. Two versions (SimpleCIL after 2 and after 3 synthetic tasks, prototypes built, not trained:
+promotion. Two versions (SimpleCIL after 2 and after 3 synthetic tasks, prototypes built, not trained:
 the cost of a forward does not depend on the learned values) are exported where the server looks for
 them, so it never exports; v2 is registered while the server starts on v1. Each client holds its own
 connection and posts one PNG per request, with the API key a non-loopback deployment must have, as
@@ -44,10 +44,10 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import common
-from models.methods import create_method
-from tasks import registry, tracking
-from tasks.onnx_export import export_method
-from tasks.settings import StrataSettings, load_settings
+from strata.models.methods import create_method
+from strata.tasks.export.onnx_graph import export_method
+from strata.tasks.tracking import promotion, runs
+from strata.tasks.workspace.settings import StrataSettings, load_settings
 
 LEARNER = "load"
 FIRST_MESSAGES = 5
@@ -71,8 +71,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def strata_serve(source: list[str], log: Path, api_key: str | None = None, poll_seconds: float = 0.2,
-                 startup_seconds: float = 240) -> Iterator[str]:
+def strata_serve(
+    source: list[str], log: Path, api_key: str | None = None, poll_seconds: float = 0.2, startup_seconds: float = 240
+) -> Iterator[str]:
     """``strata serve SOURCE`` on a free loopback port in a subprocess; yields its URL.
 
     stdout and stderr go to ``log``, readable once the block exits (the server is stopped with SIGINT,
@@ -82,11 +83,23 @@ def strata_serve(source: list[str], log: Path, api_key: str | None = None, poll_
     env = {k: v for k, v in os.environ.items() if k != "STRATA_SERVE_API_KEY"}
     if api_key:
         env["STRATA_SERVE_API_KEY"] = api_key
-    command = [sys.executable, "-m", "flows.cli", "serve", *source, "--host", "127.0.0.1", "--port", str(port),
-               "--poll-seconds", str(poll_seconds)]
+    command = [
+        sys.executable,
+        "-m",
+        "strata.cli.app",
+        "serve",
+        *source,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--poll-seconds",
+        str(poll_seconds),
+    ]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=Path(__file__).resolve().parents[1])
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1]
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(process, url, log, startup_seconds)
@@ -120,8 +133,8 @@ class Versions:
     """
 
     def __init__(self, settings: StrataSettings, backbone: str):
-        self.settings, self.name = settings, tracking.model_name(LEARNER)
-        self.client = tracking.configure(settings)
+        self.settings, self.name = settings, runs.model_name(LEARNER)
+        self.client = runs.configure(settings)
         self.client.create_registered_model(self.name)
         self.method = create_method("simplecil", common.backbone(backbone))
         self.size = self.method.backbone.image_size
@@ -138,7 +151,7 @@ class Versions:
 
     def move_champion(self, version: str) -> None:
         """What ``strata promote`` does to the registry (it also records the move in the ledger)."""
-        registry.set_alias(self.client, self.name, registry.CHAMPION, version)
+        promotion.set_alias(self.client, self.name, promotion.CHAMPION, version)
 
 
 def png(size: int, seed: int) -> bytes:
@@ -247,28 +260,37 @@ def main(argv: list[str] | None = None) -> dict:
         versions.move_champion(old)
         pending = pool.submit(versions.register, 1)  # v2 is learned and registered while the server starts
         log = Path(scratch) / "serve.log"
-        source = ["--learner", LEARNER, "--alias", registry.CHAMPION, "--workspace", str(versions.settings.workspace)]
+        source = ["--learner", LEARNER, "--alias", promotion.CHAMPION, "--workspace", str(versions.settings.workspace)]
         print(f"serving v{old} …", file=sys.stderr)
         with strata_serve(source, log, api_key, args.poll_seconds) as url:
             new = pending.result()
-            refused = {name: httpx.post(f"{url}/predict", files={"files": ("x.png", png(versions.size, 0))},
-                                        headers=headers, timeout=30).status_code
-                       for name, headers in (("missing_key", {}), ("wrong_key", {"X-API-Key": wrong_key}))}
+            refused = {
+                name: httpx.post(
+                    f"{url}/predict", files={"files": ("x.png", png(versions.size, 0))}, headers=headers, timeout=30
+                ).status_code
+                for name, headers in (("missing_key", {}), ("wrong_key", {"X-API-Key": wrong_key}))
+            }
             print(f"{args.clients} clients for {args.seconds:g} s, champion → v{new} halfway …", file=sys.stderr)
             load = Load(url, api_key, png(versions.size, 0), new)
-            times = asyncio.run(drive(load, args.clients, args.seconds, args.reload_timeout,
-                                      lambda: versions.move_champion(new)))
+            times = asyncio.run(
+                drive(load, args.clients, args.seconds, args.reload_timeout, lambda: versions.move_champion(new))
+            )
         server_log = log.read_text()
     document = {
-        "benchmark": "serving_load", "clients": args.clients, "seconds": args.seconds,
+        "benchmark": "serving_load",
+        "clients": args.clients,
+        "seconds": args.seconds,
         **summarise(load, times, old),
         "server_logged_reload": f"version {new} (was {old})" in server_log,
         "refused_without_the_key": refused,
         "keys_in_server_log": api_key in server_log or wrong_key in server_log,
-        "setup": {"server": f"strata serve --learner {LEARNER} --alias champion (subprocess, 127.0.0.1, API key)",
-                  "poll_seconds": args.poll_seconds, "client": "httpx.AsyncClient, one connection per client",
-                  "request": f"one {versions.size}x{versions.size} PNG (multipart)",
-                  "model": f"simplecil on {args.backbone} (random-init weights), v{old} 4 classes, v{new} 6"},
+        "setup": {
+            "server": f"strata serve --learner {LEARNER} --alias champion (subprocess, 127.0.0.1, API key)",
+            "poll_seconds": args.poll_seconds,
+            "client": "httpx.AsyncClient, one connection per client",
+            "request": f"one {versions.size}x{versions.size} PNG (multipart)",
+            "model": f"simplecil on {args.backbone} (random-init weights), v{old} 4 classes, v{new} 6",
+        },
         "machine": common.machine(),
     }
     common.emit(document)

@@ -23,13 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common, official
-from models.backbones import Backbone
-from models.engine import OptimizerConfig, TrainConfig, TrainingHooks
-from models.methods import create_method
-from models.methods.base import Method
+from strata.models.backbones import Backbone
+from strata.models.engine import OptimizerConfig, TrainConfig, TrainingHooks
+from strata.models.methods import create_method
+from strata.models.methods.base import Method
 
-METHODS = ["simplecil", "aper_adapter", "aper_ssf", "aper_vpt_shallow", "aper_vpt_deep", "aper_finetune",
-           "lae_adapter", "lae_lora", "lae_prefix", "ovor"]
+METHODS = [
+    "simplecil",
+    "aper_adapter",
+    "aper_ssf",
+    "aper_vpt_shallow",
+    "aper_vpt_deep",
+    "aper_finetune",
+    "lae_adapter",
+    "lae_lora",
+    "lae_prefix",
+    "ovor",
+]
 CLASSES_PER_TASK = 4
 
 
@@ -95,8 +105,12 @@ def timed_step(fit, images: int, batch_size: int) -> dict:
 
 def baseline(backbone: Backbone, tasks, epochs: int, batch_size: int) -> dict:
     probe = LinearProbe(backbone, CLASSES_PER_TASK)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, drop_last=True,
-                         optimizer=OptimizerConfig(name="adam", lr=1e-3, schedule="constant"))
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        drop_last=True,
+        optimizer=OptimizerConfig(name="adam", lr=1e-3, schedule="constant"),
+    )
     images = len(tasks[0].train)
     timed_step(lambda engine: engine.fit(probe, tasks[0].train, config), images, batch_size)  # warm-up
     return timed_step(lambda engine: engine.fit(probe, tasks[0].train, config), images, batch_size)
@@ -127,16 +141,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per step measurement (median reported)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="interleaved Strata/official repeats per method (medians reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved Strata/official repeats per method (medians reported)"
+    )
     args = parser.parse_args(argv)
     common.setup(args)
     backbone = common.backbone(args.backbone)
     images = args.batch_size * args.steps
     tasks = common.synthetic_tasks(2, min(CLASSES_PER_TASK, images), images, backbone.image_size)
     reference = baseline(backbone, tasks, args.epochs, args.batch_size)
-    config = {"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs,
-              "classes_per_task": CLASSES_PER_TASK}
+    config = {
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "classes_per_task": CLASSES_PER_TASK,
+    }
     ours: dict[str, list[dict]] = {name: [] for name in args.methods}
     theirs: dict[str, list[dict]] = {name: [] for name in args.methods}
     for _ in range(args.repeats):
@@ -145,17 +165,24 @@ def main(argv: list[str] | None = None) -> dict:
             ours[name].append(method_steps(method, tasks, args.batch_size))
             del method
             theirs[name].append(official.measure(name, config))
-    methods = {name: {label: with_ratios(median_step([run[label] for run in runs]), reference)
-                      for label in runs[0]} for name, runs in ours.items()}
+    methods = {
+        name: {label: with_ratios(median_step([run[label] for run in runs]), reference) for label in runs[0]}
+        for name, runs in ours.items()
+    }
     document = {
         "benchmark": "train_throughput",
         "machine": common.machine(),
-        "config": {"backbone": args.backbone, "image_size": backbone.image_size, "batch_size": args.batch_size,
-                   "steps_per_epoch": args.steps, "epochs": args.epochs, "repeats": args.repeats,
-                   "weights": "random-init",
-                   "memory": common.MEMORY_METHOD},
-        "baseline": {"what": "frozen backbone forward (no grad) + linear head forward/backward/Adam step",
-                     **reference},
+        "config": {
+            "backbone": args.backbone,
+            "image_size": backbone.image_size,
+            "batch_size": args.batch_size,
+            "steps_per_epoch": args.steps,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "weights": "random-init",
+            "memory": common.MEMORY_METHOD,
+        },
+        "baseline": {"what": "frozen backbone forward (no grad) + linear head forward/backward/Adam step", **reference},
         "methods": methods,
         "official": {name: official.summarise(theirs[name], ours[name]) for name in args.methods},
     }

@@ -1,100 +1,152 @@
-"""The class-incremental benchmark: one method over a B{base}-Inc{increment} stream."""
+"""The ``benchmark`` flow: several methods (and seeds) on the same stream, one MLflow run each, one table.
+
+Each (method, seed) runs the plain benchmark (flows/benchmark.py) on the same dataset, protocol and
+class order; its run logs the method config as params, A_t / forgetting at step = task index, and the
+report files. The comparison is printed, returned and published as a Prefect table artifact.
+
+The runs are independent, so they fan out over a Dask cluster when asked (``prefect-dask``): an
+existing scheduler's address in production, or a local cluster of worker processes. Each run seeds
+itself, so the metrics do not depend on where or in which order it ran.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+import mlflow
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import Field
 
-from models.backbones import build_backbone
-from models.engine import Engine, init_distributed, is_main_process, seed_everything
-from models.evaluation import evaluate
-from models.methods import create_method, method_config
-from models.metrics import accuracy_matrix, confusion_matrix, summarize
-from models.streams import split_by_classes
-from tasks.datasets import read_dataset
-from tasks.reports import write_report
-
-
-class BenchmarkParams(BaseModel):
-    """What ``strata benchmark`` runs; typed so a Prefect deployment renders it as a form."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field("digits", description="digits, cifar100:DIR, folder:DIR or synthetic[:N]")
-    method: str = Field("simplecil", description="a registered method name (strata methods)")
-    base: int = Field(0, ge=0, description="classes in the first task; 0 means one increment")
-    increment: int = Field(2, gt=0, description="classes per later task")
-    backbone: str = Field("tiny", description="tiny (random-init) or a timm ViT name")
-    weights: str | None = Field(None, description="local weights file for the backbone")
-    class_order: Literal["seeded", "natural"] = "seeded"
-    seed: int = Field(1993, description="class-order and training seed (APER's default 1993)")
-    epochs: int | None = Field(None, ge=0, description="override the method's training epochs")
-    test_fraction: float = Field(0.25, gt=0, lt=1, description="test share where the data has no split")
-    device: str | None = None
-    out: Path = Path("runs/benchmark")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="nested method-config overrides")
+from strata.tasks.benchmarking.run import BenchmarkParams, run_benchmark
+from strata.tasks.orchestration.artifacts import artifact_key
+from strata.tasks.orchestration.gpu_slots import gpu_slots
+from strata.tasks.tracking import runs
+from strata.tasks.tracking.reports import CURVE_FILE, MATRIX_FILE, METRICS_FILE
+from strata.tasks.workspace.settings import StrataSettings, load_settings
 
 
-TaskCallback = Callable[[int, dict], None]
+class CompareParams(BenchmarkParams):
+    """The benchmark's parameters, with lists of methods and seeds, and where to run them."""
 
-
-def run_benchmark(params: BenchmarkParams, on_task: TaskCallback | None = None,
-                  show_progress: bool = True) -> dict:
-    """Learn every task in order, evaluate on all seen tasks after each, write the report.
-
-    Returns the metrics written to ``out/metrics.json``. ``on_task(t, summary_so_far)`` is called
-    after each task (the CLI prints a table row from it).
-
-    Under ``torchrun --nproc_per_node N`` every process runs this, training data-parallel (see
-    ``models.engine``); only rank 0 reports and writes.
-    """
-    init_distributed()
-    seed_everything(params.seed)
-    overrides = dict(params.overrides)
-    if params.epochs is not None:
-        overrides.setdefault("train", {})["epochs"] = params.epochs
-    config = method_config(params.method, overrides)  # fails early on unknown names or bad overrides
-    dataset = read_dataset(params.dataset, seed=params.seed, test_fraction=params.test_fraction)
-    stream = split_by_classes(dataset, params.base, params.increment, params.class_order, params.seed)
-    backbone = build_backbone(params.backbone, params.weights)
-    method = create_method(params.method, backbone, config=config)
-    engine = Engine(params.device, seed=params.seed, show_progress=show_progress and is_main_process())
-
-    rows, losses, times = [], [], []
-    for task in stream:
-        started = time.perf_counter()
-        losses.append(method.learn(task, engine))
-        result = evaluate(method, stream.tasks[: task.index + 1], engine)
-        times.append(time.perf_counter() - started)
-        rows.append(result.accuracies)
-        if on_task is not None and is_main_process():
-            on_task(task.index, summarize(accuracy_matrix(rows), _sizes(stream, task.index)))
-
-    metrics = summarize(accuracy_matrix(rows), _sizes(stream, len(stream) - 1))
-    metrics.update(
-        method=method.name,
-        config=config.model_dump(mode="json"),
-        dataset=dataset.name,
-        protocol=f"B{params.base}-Inc{params.increment}",
-        class_order=list(stream.class_names),
-        seed=params.seed,
-        backbone={"name": backbone.info.name, "source": backbone.info.source,
-                  "random_init": backbone.info.random_init, "fingerprint": backbone.info.fingerprint},
-        task_classes=[list(t.class_names) for t in stream],
-        train_losses=losses,
-        task_seconds=times,
-        confusion_matrix=confusion_matrix(result.labels, result.predictions, method.num_seen).tolist(),
+    methods: list[str] = Field(default_factory=lambda: ["simplecil", "finetune"], min_length=1)
+    seeds: list[int] | None = Field(None, min_length=1, description="seeds to run each method with; default [seed]")
+    dask_address: str | None = Field(
+        None, description="scheduler of a running Dask cluster (tcp://host:8786): the runs fan out over its workers"
     )
-    if is_main_process():
-        write_report(params.out, metrics, f"{method.name} on {dataset.name} B{params.base}-Inc{params.increment}")
+    dask_workers: int = Field(
+        0,
+        ge=0,
+        description="without an address: start a local Dask cluster of this many "
+        "worker processes; 0 runs one after another in the flow's process",
+    )
+    workspace: str | None = Field(None, description="whose MLflow store to log to; default the current folder")
+
+    def task_runner(self) -> TaskRunner:
+        """Dask when asked (an address, else a local cluster), else one run at a time in this process."""
+        if not (self.dask_address or self.dask_workers):
+            return ThreadPoolTaskRunner(max_workers=1)  # runs share torch's global RNG: never two at once here
+        from prefect_dask import DaskTaskRunner
+
+        if self.dask_address:
+            return DaskTaskRunner(address=self.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": self.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+
+
+@task(name="benchmark-method", cache_policy=NONE)
+def benchmark_method(
+    params: CompareParams, method: str, seed: int, settings: StrataSettings, experiment_id: str
+) -> dict[str, Any]:
+    """One method with one seed; configures MLflow itself, since on Dask it runs in another process."""
+    single = BenchmarkParams(
+        **{
+            **params.model_dump(exclude={"methods", "seeds", "dask_address", "dask_workers", "workspace"}),
+            "method": method,
+            "seed": seed,
+            "out": params.out / method / f"seed-{seed}",
+        }
+    )
+    runs.configure(settings)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{method} seed {seed}",
+        tags={"strata.method": method, "strata.seed": str(seed)},
+    ):
+        with gpu_slots():  # training holds a `gpu` slot, as in learn
+            metrics = run_benchmark(single, show_progress=False)
+        mlflow.log_params(
+            {
+                k: str(v)[:6000]
+                for k, v in runs.flatten(
+                    "",
+                    {
+                        "method": method,
+                        "config": metrics["config"],
+                        "dataset": params.dataset,
+                        "protocol": metrics["protocol"],
+                        "backbone": params.backbone,
+                        "seed": seed,
+                    },
+                ).items()
+            }
+        )
+        for step, (accuracy, forgetting) in enumerate(zip(metrics["accuracy"], metrics["forgetting"], strict=True)):
+            mlflow.log_metrics({"accuracy": accuracy, "forgetting": forgetting}, step=step)
+        mlflow.log_metric("average_incremental_accuracy", metrics["average_incremental_accuracy"])
+        for name in (METRICS_FILE, CURVE_FILE, MATRIX_FILE):
+            mlflow.log_artifact(str(single.out / name))
     return metrics
 
 
-def _sizes(stream, last: int) -> np.ndarray:
-    return np.array([len(t.test) for t in stream.tasks[: last + 1]])
-
+@flow(name="benchmark")
+def benchmark(params: CompareParams) -> list[dict[str, Any]]:
+    """Run every method of ``params.methods`` with every seed on one stream; one comparison row per run."""
+    settings = load_settings(params.workspace or Path.cwd())
+    client = runs.configure(settings)
+    name = f"strata/benchmark/{params.dataset.split(':')[0]}-B{params.base}-Inc{params.increment}"
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    jobs = [(method, seed) for method in params.methods for seed in params.seeds or [params.seed]]
+    with params.task_runner() as runner:
+        futures = [
+            runner.submit(
+                benchmark_method,
+                {
+                    "params": params,
+                    "method": method,
+                    "seed": seed,
+                    "settings": settings,
+                    "experiment_id": experiment_id,
+                },
+            )
+            for method, seed in jobs
+        ]
+        results = [future.result() for future in futures]
+    rows = []
+    for (method, seed), metrics in zip(jobs, results, strict=True):
+        rows.append(
+            {
+                "method": method,
+                "seed": seed,
+                "final_accuracy": round(100 * metrics["final_accuracy"], 2),
+                "average_incremental_accuracy": round(100 * metrics["average_incremental_accuracy"], 2),
+                "final_forgetting": round(100 * metrics["final_forgetting"], 2),
+                "task_averaged_final": round(100 * metrics["task_averaged_accuracy"][-1], 2),
+            }
+        )
+    create_table_artifact(
+        rows,
+        key=artifact_key("benchmark", params.dataset.split(":")[0]),
+        description=f"{name}: methods compared on the same stream",
+    )
+    return rows

@@ -14,14 +14,14 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks import tracking
-from tasks.export_registry import RegistrySource, download_state, log_onnx, resolve_version
-from tasks.ledger import LEARNER_NAME
-from tasks.onnx_export import export_method
-from tasks.restore import restore_method
-from tasks.settings import StrataSettings, load_settings
-from tasks.triton import write_triton_repository
-from tasks.workspace import find_workspace
+from strata.tasks.export.onnx_graph import export_method
+from strata.tasks.export.registered import RegistrySource, download_state, log_onnx, resolve_version
+from strata.tasks.export.triton import write_triton_repository
+from strata.tasks.ledger.store import LEARNER_NAME
+from strata.tasks.tracking import runs
+from strata.tasks.training.restore import restore_method
+from strata.tasks.workspace.settings import StrataSettings, load_settings
+from strata.tasks.workspace.setup import find_workspace
 
 
 class ExportParams(BaseModel):
@@ -43,23 +43,34 @@ class ExportParams(BaseModel):
 
 
 def export_version(settings: StrataSettings, params: ExportParams) -> dict[str, Any]:
-    client = tracking.configure(settings)
+    client = runs.configure(settings)
     version = resolve_version(client, params.learner, params.version, params.alias)
     out = Path(params.out) if params.out else settings.state_dir / "exports" / params.learner / f"v{version}"
     with tempfile.TemporaryDirectory(prefix="strata-state-") as scratch:
-        method = restore_method(download_state(client, settings, params.learner, version, Path(scratch)),
-                                params.weights)
-    tags = client.get_model_version(tracking.model_name(params.learner), version).tags
-    result = export_method(method, out, params.opset, params.fp16, params.preprocess_hw,
-                           extra_meta={"version": version, "learner": params.learner,
-                                       "data_version": tags.get("strata.batch_id"),
-                                       "dvc_md5": tags.get("strata.dvc_md5")})
+        method = restore_method(
+            download_state(client, settings, params.learner, version, Path(scratch)), params.weights
+        )
+    tags = client.get_model_version(runs.model_name(params.learner), version).tags
+    result = export_method(
+        method,
+        out,
+        params.opset,
+        params.fp16,
+        params.preprocess_hw,
+        extra_meta={
+            "version": version,
+            "learner": params.learner,
+            "data_version": tags.get("strata.batch_id"),
+            "dvc_md5": tags.get("strata.dvc_md5"),
+        },
+    )
     report = {"version": version, "directory": str(out), "parity": result.meta["parity"]}
     if params.log_model:
         report["model_uri"] = log_onnx(client, params.learner, version, result.model_path, out)
     if params.triton:
-        folder = write_triton_repository(result.model_path, Path(params.triton), tracking.model_name(params.learner),
-                                         int(version))
+        folder = write_triton_repository(
+            result.model_path, Path(params.triton), runs.model_name(params.learner), int(version)
+        )
         report["triton"] = str(folder)
     return report
 
@@ -70,16 +81,18 @@ def export(params: ExportParams) -> dict[str, Any]:
     return export_version(load_settings(params.workspace or find_workspace()), params)
 
 
-def registry_source(learner: str, alias: str = "champion", workspace: str | None = None,
-                    weights: str | None = None) -> RegistrySource:
+def registry_source(
+    learner: str, alias: str = "champion", workspace: str | None = None, weights: str | None = None
+) -> RegistrySource:
     """A model source for ``strata serve --learner``: the alias's version, exported on first use."""
     settings = load_settings(workspace or find_workspace())
 
     def ensure_export(version: str) -> Path:
         folder = settings.state_dir / "exports" / learner / f"v{version}"
         if not (folder / "model.onnx").is_file():
-            export_version(settings, ExportParams(learner=learner, version=version, weights=weights,
-                                                  workspace=workspace))
+            export_version(
+                settings, ExportParams(learner=learner, version=version, weights=weights, workspace=workspace)
+            )
         return folder
 
     return RegistrySource(settings, learner, alias, ensure_export)

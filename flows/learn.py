@@ -23,19 +23,14 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.backbones import build_backbone
-from models.engine import Engine, seed_everything
-from models.evaluation import evaluate
-from models.methods import Method, create_method
-from models.metrics import accuracy_matrix, summarize
-from models.streams import LabelledDataset, Stream, stream_from_batches
-from tasks import registry, tracking
-from tasks.artifacts import TrainingProgress, accuracy_table, increment_summary
-from tasks.data import materialise
-from tasks.deployments import gpu_slots
-from tasks.distributed import TrainJob, train_on_processes
-from tasks.feature_cache import DiskFeatureCache
-from tasks.increments import (
+from strata.models.backbones import build_backbone
+from strata.models.engine import Engine, seed_everything
+from strata.models.evaluation import evaluate
+from strata.models.methods import Method, create_method
+from strata.models.metrics import accuracy_matrix, summarize
+from strata.models.streams import LabelledDataset, Stream, stream_from_batches
+from strata.tasks.data.materialise import materialise
+from strata.tasks.ledger.increments import (
     LearnedTask,
     configure_learner,
     fail_increment,
@@ -46,11 +41,16 @@ from tasks.increments import (
     record_promotion,
     start_increment,
 )
-from tasks.ledger import LEARNER_NAME, learner_lease, ledger_session, process_holder
-from tasks.migrate import migrated_engine
-from tasks.reports import write_report
-from tasks.settings import StrataSettings, load_settings, redact_url
-from tasks.workspace import find_workspace
+from strata.tasks.ledger.migrate import migrated_engine
+from strata.tasks.ledger.store import LEARNER_NAME, learner_lease, ledger_session, process_holder
+from strata.tasks.orchestration.artifacts import TrainingProgress, accuracy_table, increment_summary
+from strata.tasks.orchestration.gpu_slots import gpu_slots
+from strata.tasks.tracking import promotion, runs
+from strata.tasks.tracking.reports import write_report
+from strata.tasks.training.feature_cache import DiskFeatureCache
+from strata.tasks.training.launcher import TrainJob, train_on_processes
+from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
+from strata.tasks.workspace.setup import find_workspace
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,15 @@ class LearnParams(BaseModel):
     backbone: str | None = Field(None, description="backbone on first learn (default tiny); fixed afterwards")
     weights: str | None = Field(None, description="local weights file of the backbone")
     config: dict[str, Any] = Field(default_factory=dict, description="method-config overrides on first learn")
-    gate: registry.GateConfig = registry.GateConfig()
+    gate: promotion.GateConfig = promotion.GateConfig()
     seed: int = 0
     device: str | None = None
-    processes: int = Field(1, ge=1, description="training processes per increment, data-parallel: one per GPU "
-                           "(NCCL), or gloo on CPU; each holds a slot of the `gpu` concurrency limit")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="training processes per increment, data-parallel: one per GPU "
+        "(NCCL), or gloo on CPU; each holds a slot of the `gpu` concurrency limit",
+    )
     workspace: str | None = Field(None, description="workspace root; default: the one containing the cwd")
     lease_minutes: int = Field(120, gt=0, description="lease length; a crashed run's lease expires after it")
     show_progress: bool = True
@@ -112,17 +116,25 @@ def train(run: Learning, stream: Stream) -> list[float]:
     Holds one slot of the ``gpu`` global concurrency limit (``strata deploy --gpu-slots``) per training
     process, so scheduled and triggered runs of different learners share the accelerators; no limit, no
     wait. With ``processes`` > 1 the task is trained data-parallel by that many processes
-    (``tasks.distributed``) and the flow goes on from the state they wrote.
+    (``strata.tasks.training.launcher``) and the flow goes on from the state they wrote.
     """
     processes = run.params.processes
     with gpu_slots(processes):
         if processes == 1:
             return run.method.learn(stream.tasks[-1], run.engine)
         with tempfile.TemporaryDirectory(prefix="strata-trained-") as scratch:
-            job = TrainJob(task=stream.tasks[-1], method=run.method.name, backbone=run.method.backbone.info.name,
-                           out=scratch, weights=run.params.weights, config=run.method.config.model_dump(mode="json"),
-                           state=run.history[-1].checkpoint_uri if run.history else None, seed=run.params.seed,
-                           device=run.engine.device.type, feature_cache=str(run.engine.feature_cache.folder))
+            job = TrainJob(
+                task=stream.tasks[-1],
+                method=run.method.name,
+                backbone=run.method.backbone.info.name,
+                out=scratch,
+                weights=run.params.weights,
+                config=run.method.config.model_dump(mode="json"),
+                state=run.history[-1].checkpoint_uri if run.history else None,
+                seed=run.params.seed,
+                device=run.engine.device.type,
+                feature_cache=str(run.engine.feature_cache.folder),
+            )
             run.method, losses = train_on_processes(job, processes)
         run.method.to(run.engine.device)
         return losses
@@ -139,65 +151,102 @@ def save_state(method: Method, directory: Path) -> Path:
 
 
 @task(name="track-and-register", retries=1, retry_delay_seconds=2, cache_policy=NONE)
-def track_and_register(run: Learning, task_index: int, version: PendingVersion, summary: dict, losses: list[float],
-                       decision: registry.GateDecision, state_dir: Path, files: list[Path]) -> tuple[str, str]:
+def track_and_register(
+    run: Learning,
+    task_index: int,
+    version: PendingVersion,
+    summary: dict,
+    losses: list[float],
+    decision: promotion.GateDecision,
+    state_dir: Path,
+    files: list[Path],
+) -> tuple[str, str]:
     """Child run with params, metrics at step t, data input, plots, state; then one registered version."""
-    client = tracking.configure(run.settings)
-    name = tracking.model_name(run.learner)
+    client = runs.configure(run.settings)
+    name = runs.model_name(run.learner)
     method = run.method
-    tags = {"strata.learner": run.learner, "strata.task_index": str(task_index), "strata.batch_id": version.batch_id,
-            "strata.dvc_md5": version.md5, "strata.git_rev": version.git_rev,
-            "strata.prefect_flow_run_id": str(flow_run.get_id() or ""),
-            "strata.parent_version": run.history[-1].model_version if run.history else "",
-            "strata.gate": "pass" if decision.promote else "fail"}
-    params = {"method": method.name, "config": method.config.model_dump(mode="json"),
-              "backbone": method.backbone.info.name, "backbone_source": method.backbone.info.source,
-              "weights_fingerprint": method.backbone.info.fingerprint, "seed": run.params.seed}
-    data = {"uri": str(run.settings.workspace / version.path), "name": version.batch_id, "md5": version.md5,
-            "git_rev": version.git_rev}
+    tags = {
+        "strata.learner": run.learner,
+        "strata.task_index": str(task_index),
+        "strata.batch_id": version.batch_id,
+        "strata.dvc_md5": version.md5,
+        "strata.git_rev": version.git_rev,
+        "strata.prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "strata.parent_version": run.history[-1].model_version if run.history else "",
+        "strata.gate": "pass" if decision.promote else "fail",
+    }
+    params = {
+        "method": method.name,
+        "config": method.config.model_dump(mode="json"),
+        "backbone": method.backbone.info.name,
+        "backbone_source": method.backbone.info.source,
+        "weights_fingerprint": method.backbone.info.fingerprint,
+        "seed": run.params.seed,
+    }
+    data = {
+        "uri": str(run.settings.workspace / version.path),
+        "name": version.batch_id,
+        "md5": version.md5,
+        "git_rev": version.git_rev,
+    }
     recorded = {t.model_version for t in run.history if t.model_version}
     # explicit parent and experiment: Prefect may run this task on another thread than the flow's, and
     # MLflow's active-run stack is per thread
     parent = client.get_run(run.parent_run_id)
-    with mlflow.start_run(experiment_id=parent.info.experiment_id, parent_run_id=run.parent_run_id, nested=True,
-                          run_name=f"task {task_index} ({version.batch_id})") as child:
-        tracking.log_increment(task_index, params, summary, losses, tags, data, files, state_dir)
+    with mlflow.start_run(
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=run.parent_run_id,
+        nested=True,
+        run_name=f"task {task_index} ({version.batch_id})",
+    ) as child:
+        runs.log_increment(task_index, params, summary, losses, tags, data, files, state_dir)
         mlflow.log_dict({"promote": decision.promote, "reasons": decision.reasons}, "gate.json")
-        stale = registry.remove_unrecorded_versions(client, name, task_index, recorded)
+        stale = promotion.remove_unrecorded_versions(client, name, task_index, recorded)
         if stale:
-            logger.warning("removed versions %s of %s left by an interrupted attempt at task %d", stale, name,
-                           task_index)
+            logger.warning(
+                "removed versions %s of %s left by an interrupted attempt at task %d", stale, name, task_index
+            )
         size = method.backbone.image_size
         example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
-        registered = tracking.log_and_register(
-            run.learner, state_dir, example, method.class_names, run.params.weights,
-            tags={"strata.task_index": str(task_index), "strata.batch_id": version.batch_id,
-                  "strata.dvc_md5": version.md5, "strata.classes": ",".join(method.class_names)[:5000]})
+        registered = runs.log_and_register(
+            run.learner,
+            state_dir,
+            example,
+            method.class_names,
+            run.params.weights,
+            tags={
+                "strata.task_index": str(task_index),
+                "strata.batch_id": version.batch_id,
+                "strata.dvc_md5": version.md5,
+                "strata.classes": ",".join(method.class_names)[:5000],
+            },
+        )
         run_id = child.info.run_id
-    tracking.log_parent_metrics(client, run.parent_run_id, task_index, summary)
+    runs.log_parent_metrics(client, run.parent_run_id, task_index, summary)
     return run_id, registered
 
 
 @task(name="move-aliases", retries=2, retry_delay_seconds=2, cache_policy=NONE)
-def move_aliases(run: Learning, version: str, decision: registry.GateDecision) -> None:
+def move_aliases(run: Learning, version: str, decision: promotion.GateDecision) -> None:
     """``candidate`` always; ``champion`` only when the gate passed (recorded in the ledger)."""
-    client = tracking.configure(run.settings)
-    name = tracking.model_name(run.learner)
-    registry.set_alias(client, name, registry.CANDIDATE, version)
+    client = runs.configure(run.settings)
+    name = runs.model_name(run.learner)
+    promotion.set_alias(client, name, promotion.CANDIDATE, version)
     if decision.promote:
-        registry.set_alias(client, name, registry.CHAMPION, version)
+        promotion.set_alias(client, name, promotion.CHAMPION, version)
         db = migrated_engine(run.settings.ledger_url)
         try:
-            record_promotion(db, run.learner_id, version, decision.champion_version, "gate",
-                             "; ".join(decision.reasons))
+            record_promotion(
+                db, run.learner_id, version, decision.champion_version, "gate", "; ".join(decision.reasons)
+            )
         finally:
             db.dispose()
 
 
 def champion_figures(run: Learning) -> tuple[str | None, int | None, float | None]:
     """(version, task index, A_t) of the current champion, from the registry alias and the ledger."""
-    client = tracking.configure(run.settings)
-    version = registry.alias_version(client, tracking.model_name(run.learner), registry.CHAMPION)
+    client = runs.configure(run.settings)
+    version = promotion.alias_version(client, runs.model_name(run.learner), promotion.CHAMPION)
     for learned in run.history:
         if learned.model_version == version:
             return version, learned.task_index, learned.metrics["accuracy"]
@@ -219,17 +268,28 @@ def learn_increment(run: Learning, version: PendingVersion) -> dict[str, Any]:
         summary = summarize(accuracy_matrix([t.metrics["row"] for t in run.history] + [row]), np.array(sizes))
         folder = run.settings.state_dir / "increments" / run.learner / f"task-{new.index:03d}"
         state_dir = save_state(run.method, folder / "state")
-        report = write_report(folder / "report", {**summary, "method": run.method.name, "learner": run.learner},
-                              f"{run.learner} ({run.method.name}) after task {new.index}")
-        decision = registry.decide(run.params.gate, row, sizes, summary["accuracy"][new.index], *champion_figures(run))
-        run_id, registered = track_and_register(run, new.index, version, summary, losses, decision, state_dir,
-                                                list(report.values()))
-        metrics = {"row": row, "test_sizes": sizes, "accuracy": summary["accuracy"][new.index],
-                   "average_incremental_accuracy": summary["average_incremental_accuracy"],
-                   "forgetting": summary["forgetting"][new.index], "train_losses": losses,
-                   "gate": decision.reasons, "promoted": decision.promote}
-        finish_increment(db, increment_id, list(new.class_names), new.num_old, str(state_dir), metrics, run_id,
-                         registered)
+        report = write_report(
+            folder / "report",
+            {**summary, "method": run.method.name, "learner": run.learner},
+            f"{run.learner} ({run.method.name}) after task {new.index}",
+        )
+        decision = promotion.decide(run.params.gate, row, sizes, summary["accuracy"][new.index], *champion_figures(run))
+        run_id, registered = track_and_register(
+            run, new.index, version, summary, losses, decision, state_dir, list(report.values())
+        )
+        metrics = {
+            "row": row,
+            "test_sizes": sizes,
+            "accuracy": summary["accuracy"][new.index],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+            "forgetting": summary["forgetting"][new.index],
+            "train_losses": losses,
+            "gate": decision.reasons,
+            "promoted": decision.promote,
+        }
+        finish_increment(
+            db, increment_id, list(new.class_names), new.num_old, str(state_dir), metrics, run_id, registered
+        )
     except BaseException as exc:
         fail_increment(db, increment_id, f"{type(exc).__name__}: {exc}")
         raise
@@ -238,9 +298,16 @@ def learn_increment(run: Learning, version: PendingVersion) -> dict[str, Any]:
     run.history.append(LearnedTask(new.index, version.batch_id, str(state_dir), metrics, registered, run_id))
     move_aliases(run, registered, decision)
     accuracy_table(run.learner, summary)
-    increment_summary(run.learner, new.index, summary, decision.reasons, decision.promote, registered,
-                      f"run {run_id} in {redact_url(run.settings.mlflow_tracking_uri)}",
-                      [report["curve"], report["matrix"]])
+    increment_summary(
+        run.learner,
+        new.index,
+        summary,
+        decision.reasons,
+        decision.promote,
+        registered,
+        f"run {run_id} in {redact_url(run.settings.mlflow_tracking_uri)}",
+        [report["curve"], report["matrix"]],
+    )
     return metrics
 
 
@@ -260,41 +327,67 @@ def learn(params: LearnParams) -> dict[str, Any]:
                 interrupted = fail_interrupted_increments(session, learner)
                 method_name, backbone_name, config = learner.method, learner.backbone, dict(learner.method_config)
                 history = learned_tasks(session, learner)
-                pending = [PendingVersion(v.id, v.batch_id, v.md5, v.git_rev, v.path)
-                           for v in pending_versions(session, learner)]
+                pending = [
+                    PendingVersion(v.id, v.batch_id, v.md5, v.git_rev, v.path)
+                    for v in pending_versions(session, learner)
+                ]
             if interrupted:
-                logger.warning("learner %s: tasks %s were left running by a run that died; learning them again",
-                               params.learner, interrupted)
+                logger.warning(
+                    "learner %s: tasks %s were left running by a run that died; learning them again",
+                    params.learner,
+                    interrupted,
+                )
             if not pending:
                 logger.info("learner %s has nothing new to learn", params.learner)
                 return {"learner": params.learner, "learned": [], "tasks": len(history)}
-            return _learn_pending(settings, params, learner_id, method_name, backbone_name, config, history,
-                                  pending)
+            return _learn_pending(settings, params, learner_id, method_name, backbone_name, config, history, pending)
     finally:
         db.dispose()
 
 
-def _learn_pending(settings: StrataSettings, params: LearnParams, learner_id: int, method_name: str,
-                   backbone_name: str, config: dict, history: list[LearnedTask],
-                   pending: list[PendingVersion]) -> dict[str, Any]:
+def _learn_pending(
+    settings: StrataSettings,
+    params: LearnParams,
+    learner_id: int,
+    method_name: str,
+    backbone_name: str,
+    config: dict,
+    history: list[LearnedTask],
+    pending: list[PendingVersion],
+) -> dict[str, Any]:
     seed_everything(params.seed)
     method = create_method(method_name, build_backbone(backbone_name, params.weights), overrides=config)
     if history:
         method.load_state(history[-1].checkpoint_uri)
-    engine = Engine(params.device or settings.device or None, seed=params.seed, show_progress=params.show_progress,
-                    feature_cache=DiskFeatureCache(settings.state_dir / "cache" / "features"))
-    run = Learning(settings, params, params.learner, learner_id, method, engine, history,
-                   [materialise_version(settings, t.batch_id) for t in history])
-    client = tracking.configure(settings)
-    if killed := tracking.end_interrupted_runs(client, params.learner):
-        logger.warning("marked MLflow runs %s of learner %s KILLED: their learn ended without closing them",
-                       killed, params.learner)
+    engine = Engine(
+        params.device or settings.device or None,
+        seed=params.seed,
+        show_progress=params.show_progress,
+        feature_cache=DiskFeatureCache(settings.state_dir / "cache" / "features"),
+    )
+    run = Learning(
+        settings,
+        params,
+        params.learner,
+        learner_id,
+        method,
+        engine,
+        history,
+        [materialise_version(settings, t.batch_id) for t in history],
+    )
+    client = runs.configure(settings)
+    if killed := runs.end_interrupted_runs(client, params.learner):
+        logger.warning(
+            "marked MLflow runs %s of learner %s KILLED: their learn ended without closing them", killed, params.learner
+        )
     learned = []
-    with tracking.learn_run(client, settings, params.learner,
-                            {"strata.prefect_flow_run_id": str(flow_run.get_id() or "")}) as parent_run_id:
+    with runs.learn_run(
+        client, settings, params.learner, {"strata.prefect_flow_run_id": str(flow_run.get_id() or "")}
+    ) as parent_run_id:
         run.parent_run_id = parent_run_id
         for version in pending:
             metrics = learn_increment(run, version)
-            learned.append({"batch_id": version.batch_id, "accuracy": metrics["accuracy"],
-                            "promoted": metrics["promoted"]})
+            learned.append(
+                {"batch_id": version.batch_id, "accuracy": metrics["accuracy"], "promoted": metrics["promoted"]}
+            )
     return {"learner": params.learner, "learned": learned, "tasks": len(run.history)}

@@ -9,14 +9,19 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from tasks.ledger import Base, make_engine
+from strata.tasks.ledger.store import Base, make_engine
 
 VERSION_TABLE = "strata_alembic_version"
 
 
 def run_with(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=Base.metadata, version_table=VERSION_TABLE,
-                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -29,8 +29,10 @@ TINY_BACKBONES: dict[str, dict] = {
 }
 TINY_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
-SAVE_WEIGHTS_HINT = ("Save the model's plain state dict, e.g. safetensors.torch.save_file(model.state_dict(), "
-                     "'vit.safetensors'), and pass that file with --weights.")
+SAVE_WEIGHTS_HINT = (
+    "Save the model's plain state dict, e.g. safetensors.torch.save_file(model.state_dict(), "
+    "'vit.safetensors'), and pass that file with --weights."
+)
 
 
 class BackboneError(ValueError):
@@ -108,8 +110,9 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-                   pretrained: bool = True) -> Backbone:
+def build_backbone(
+    name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = True
+) -> Backbone:
     """Build a frozen ViT backbone.
 
     ``name`` is ``tiny``/``tiny-wide`` (random-init, for tests and demos) or any timm ViT name.
@@ -157,8 +160,10 @@ def _create_tiny(name: str) -> VisionTransformer:
 def _unknown_backbone_message(name: str) -> str:
     close = timm.list_models(f"*{name.split('.')[0][-12:]}*")[:5]
     hint = f" Close timm names: {', '.join(close)}." if close else ""
-    return (f"unknown backbone {name!r}. Use one of {', '.join(sorted(TINY_BACKBONES))} (random-init, for tests) "
-            f"or a timm ViT name such as {DEFAULT_BACKBONE} (see timm.list_models('vit_*')).{hint}")
+    return (
+        f"unknown backbone {name!r}. Use one of {', '.join(sorted(TINY_BACKBONES))} (random-init, for tests) "
+        f"or a timm ViT name such as {DEFAULT_BACKBONE} (see timm.list_models('vit_*')).{hint}"
+    )
 
 
 def _load_pretrained(vit: VisionTransformer, name: str) -> None:
@@ -194,11 +199,15 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's text would advise weights_only=False: the unsafe way
-        raise BackboneError(f"cannot read weights file {path}: it holds pickled Python objects besides tensors, "
-                            f"which Strata never unpickles (that can run code). {SAVE_WEIGHTS_HINT}") from exc
+        raise BackboneError(
+            f"cannot read weights file {path}: it holds pickled Python objects besides tensors, "
+            f"which Strata never unpickles (that can run code). {SAVE_WEIGHTS_HINT}"
+        ) from exc
     except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}; it is damaged or not a "
-                            f"{suffix} checkpoint. {SAVE_WEIGHTS_HINT}") from exc
+        raise BackboneError(
+            f"cannot read weights file {path}: {type(exc).__name__}: {exc}; it is damaged or not a "
+            f"{suffix} checkpoint. {SAVE_WEIGHTS_HINT}"
+        ) from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -211,9 +220,11 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
     wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
     if missing or wrong:
         problems = [f"missing {missing[:4]}"] if missing else []
-        problems += [f"shape mismatch {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                     for k in wrong[:4]]
+        problems += [
+            f"shape mismatch {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:4]
+        ]
         detail = "; ".join(problems)
-        raise BackboneError(f"weights file {path} does not fit backbone {name!r}: {detail}; pass weights saved from "
-                            f"a {name!r} model")
+        raise BackboneError(
+            f"weights file {path} does not fit backbone {name!r}: {detail}; pass weights saved from a {name!r} model"
+        )
     vit.load_state_dict({k: state[k] for k in expected})

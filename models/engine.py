@@ -188,8 +188,9 @@ class GlobalBatchSampler(Sampler[int]):
     ``drop_last``.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
+    ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
@@ -201,10 +202,10 @@ class GlobalBatchSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         batches = []
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = order[start:start + self.batch_size].tolist()
+            batch = order[start : start + self.batch_size].tolist()
             share, extra = divmod(len(batch), self.world_size)
             first = self.rank * share + min(self.rank, extra)
-            batches.append(batch[first:first + share + (self.rank < extra)])
+            batches.append(batch[first : first + share + (self.rank < extra)])
         return batches
 
     def __iter__(self):
@@ -219,9 +220,15 @@ class GlobalBatchSampler(Sampler[int]):
 class Engine:
     """Runs training and batched inference for any method on one device."""
 
-    def __init__(self, device: str | torch.device | None = None, seed: int = 0, num_workers: int = 0,
-                 show_progress: bool = True, on_epoch_end: Callable[[EpochReport], None] | None = None,
-                 feature_cache: FeatureCache | None = None):
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        show_progress: bool = True,
+        on_epoch_end: Callable[[EpochReport], None] | None = None,
+        feature_cache: FeatureCache | None = None,
+    ):
         self.device = torch.device(device) if device is not None else default_device()
         self.seed = seed
         self.num_workers = num_workers
@@ -231,21 +238,34 @@ class Engine:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
-               seed_offset: int = 0) -> DataLoader:
+    def loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False, seed_offset: int = 0
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed + seed_offset)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
+        )
 
     def training_loader(self, dataset: Dataset, config: TrainConfig, seed_offset: int) -> DataLoader:
         """This process's share of each global batch (all of it with one process), reshuffled per epoch."""
         rank, size = world()
-        sampler = GlobalBatchSampler(len(dataset), config.batch_size, self.seed + seed_offset, rank, size,
-                                     drop_last=config.drop_last)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+        sampler = GlobalBatchSampler(
+            len(dataset), config.batch_size, self.seed + seed_offset, rank, size, drop_last=config.drop_last
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
+        )
 
     def autocast(self, enabled: bool = True):
         if enabled and self.device.type == "cuda":
@@ -271,8 +291,13 @@ class Engine:
             loader.batch_sampler.set_epoch(epoch)
             total, count = 0.0, 0
             batches = hooks.epoch_batches(epoch, loader)
-            bar = tqdm(batches, desc=f"task {task_index} epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not self.show_progress, total=_length(batches))
+            bar = tqdm(
+                batches,
+                desc=f"task {task_index} epoch {epoch + 1}/{config.epochs}",
+                leave=False,
+                disable=not self.show_progress,
+                total=_length(batches),
+            )
             for inputs, labels in bar:
                 inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                 with self.autocast(config.amp):
@@ -293,8 +318,14 @@ class Engine:
         return losses
 
     @torch.inference_mode()
-    def extract(self, fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                cache_key: str | None = None, random_transform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        dataset: Dataset,
+        batch_size: int,
+        cache_key: str | None = None,
+        random_transform: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply ``fn`` to every sample once, in batches, without autograd; results on CPU.
 
         With a feature cache and a ``cache_key`` (which must identify the data, ``fn`` and the transform by
@@ -311,8 +342,9 @@ class Engine:
                 return hit
             self.cache_misses += 1
         outputs, labels = [], []
-        for inputs, targets in tqdm(self.loader(dataset, batch_size), desc="inference", leave=False,
-                                    disable=not self.show_progress):
+        for inputs, targets in tqdm(
+            self.loader(dataset, batch_size), desc="inference", leave=False, disable=not self.show_progress
+        ):
             outputs.append(fn(inputs.to(self.device)).float().cpu())
             labels.append(targets)
         if not outputs:
@@ -345,8 +377,14 @@ class Engine:
             return None
         features, labels = entry.get("features"), entry.get("labels")
         rng_after = entry.get("rng_after")
-        if (features is None or labels is None or features.ndim != 2 or len(features) != size or len(labels) != size
-                or (random_transform and (rng_after is None or rng_after.dtype != torch.uint8))):
+        if (
+            features is None
+            or labels is None
+            or features.ndim != 2
+            or len(features) != size
+            or len(labels) != size
+            or (random_transform and (rng_after is None or rng_after.dtype != torch.uint8))
+        ):
             logger.warning("ignoring the cached features %s: they do not match this extraction", key[:12])
             return None
         if random_transform:
@@ -363,12 +401,15 @@ def average_gradients(params: list[nn.Parameter], count: int) -> None:
     if world()[1] == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) * count for g in grads] + [grads[0].new_tensor([float(count)])]
-                     if grads else [torch.tensor([float(count)])])
+    flat = torch.cat(
+        [g.reshape(-1) * count for g in grads] + [grads[0].new_tensor([float(count)])]
+        if grads
+        else [torch.tensor([float(count)])]
+    )
     dist.all_reduce(flat)
     offset, total = 0, flat[-1]
     for grad in grads:
-        grad.copy_((flat[offset:offset + grad.numel()] / total).view_as(grad))
+        grad.copy_((flat[offset : offset + grad.numel()] / total).view_as(grad))
         offset += grad.numel()
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.engine import Engine
-from models.methods.base import Method
-from models.streams import Task
+from strata.models.engine import Engine
+from strata.models.methods.base import Method
+from strata.models.streams import Task
 
 
 @dataclass(frozen=True)

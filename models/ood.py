@@ -56,8 +56,9 @@ def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices[:count]
 
 
-def synthesize_outliers(features: torch.Tensor, num_classes: int, config: OutlierConfig,
-                        generator: torch.Generator) -> torch.Tensor:
+def synthesize_outliers(
+    features: torch.Tensor, num_classes: int, config: OutlierConfig, generator: torch.Generator
+) -> torch.Tensor:
     """``num_per_class × num_classes`` virtual outliers for the ID ``features`` (n, D) of one task.
 
     Noise comes from ``generator`` on the CPU, so a seed gives the same outliers on any device.
@@ -83,5 +84,6 @@ def vor_loss(id_logits: torch.Tensor, ood_logits: torch.Tensor, config: VORLossC
     """λ·[Huber(relu(E_id − τ_id)) + Huber(relu(τ_ood − E_ood))] over current-task logits (Huber δ=1, mean)."""
     id_excess = F.relu(energy(id_logits) - config.threshold_id)
     ood_excess = F.relu(config.threshold_ood - energy(ood_logits))
-    return config.weight * (F.huber_loss(id_excess, torch.zeros_like(id_excess))
-                            + F.huber_loss(ood_excess, torch.zeros_like(ood_excess)))
+    return config.weight * (
+        F.huber_loss(id_excess, torch.zeros_like(id_excess)) + F.huber_loss(ood_excess, torch.zeros_like(ood_excess))
+    )

@@ -27,8 +27,12 @@ class StreamError(ValueError):
 class LabelledImages(Dataset):
     """Images with integer labels, decoded lazily, with an optional transform."""
 
-    def __init__(self, images: Sequence[ImageSource], labels: Sequence[int],
-                 transform: Callable[[Image.Image], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        images: Sequence[ImageSource],
+        labels: Sequence[int],
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ):
         if len(images) != len(labels):
             raise StreamError(f"{len(images)} images but {len(labels)} labels")
         self.images = list(images)
@@ -47,8 +51,9 @@ class LabelledImages(Dataset):
         return LabelledImages(self.images, self.labels, transform)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledImages:
-        return LabelledImages([self.images[i] for i in indices], self.labels[np.asarray(indices, dtype=int)],
-                              self.transform)
+        return LabelledImages(
+            [self.images[i] for i in indices], self.labels[np.asarray(indices, dtype=int)], self.transform
+        )
 
     def relabel(self, mapping: dict[int, int]) -> LabelledImages:
         return LabelledImages(self.images, [mapping[int(y)] for y in self.labels], self.transform)
@@ -147,8 +152,14 @@ def task_sizes(num_classes: int, base: int, increment: int) -> list[int]:
     return sizes
 
 
-def split_by_classes(dataset: LabelledDataset, base: int, increment: int, order: str = "seeded",
-                     seed: int = 1993, num_tasks: int | None = None) -> Stream:
+def split_by_classes(
+    dataset: LabelledDataset,
+    base: int,
+    increment: int,
+    order: str = "seeded",
+    seed: int = 1993,
+    num_tasks: int | None = None,
+) -> Stream:
     """Split a labelled dataset into a B{base}-Inc{increment} class-incremental stream."""
     permutation = class_order(len(dataset.class_names), order, seed)
     sizes = task_sizes(len(permutation), base, increment)[:num_tasks]
@@ -159,9 +170,15 @@ def split_by_classes(dataset: LabelledDataset, base: int, increment: int, order:
     tasks, start = [], 0
     for index, size in enumerate(sizes):
         ids = tuple(range(start, start + size))
-        tasks.append(Task(index, ids, names[start:start + size],
-                          train.subset(np.flatnonzero(np.isin(train.labels, ids))),
-                          test.subset(np.flatnonzero(np.isin(test.labels, ids)))))
+        tasks.append(
+            Task(
+                index,
+                ids,
+                names[start : start + size],
+                train.subset(np.flatnonzero(np.isin(train.labels, ids))),
+                test.subset(np.flatnonzero(np.isin(test.labels, ids))),
+            )
+        )
         start += size
     return Stream(dataset.name, tuple(tasks), names[:start])
 
@@ -176,7 +193,15 @@ def stream_from_batches(name: str, batches: Sequence[LabelledDataset]) -> Stream
         offset = len(names)
         mapping = {i: offset + i for i in range(len(batch.class_names))}
         ids = tuple(range(offset, offset + len(batch.class_names)))
-        tasks.append(Task(index, ids, batch.class_names, batch.train.relabel(mapping), batch.test.relabel(mapping),
-                          data_key=batch.content_key))
+        tasks.append(
+            Task(
+                index,
+                ids,
+                batch.class_names,
+                batch.train.relabel(mapping),
+                batch.test.relabel(mapping),
+                data_key=batch.content_key,
+            )
+        )
         names.extend(batch.class_names)
     return Stream(name, tuple(tasks), tuple(names))

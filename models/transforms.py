@@ -29,12 +29,18 @@ class TransformConfig(BaseModel):
 
 def train_transform(config: TransformConfig, size: int) -> T.Compose:
     """RandomResizedCrop + horizontal flip + ToTensor."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=config.train_scale, ratio=config.train_ratio,
-                            interpolation=INTERPOLATION[config.interpolation]),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                size,
+                scale=config.train_scale,
+                ratio=config.train_ratio,
+                interpolation=INTERPOLATION[config.interpolation],
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+        ]
+    )
 
 
 def test_transform(config: TransformConfig, size: int) -> T.Compose:
@@ -42,8 +48,10 @@ def test_transform(config: TransformConfig, size: int) -> T.Compose:
     interpolation = INTERPOLATION[config.interpolation]
     if config.test_resize_ratio == 1.0:
         return T.Compose([T.Resize((size, size), interpolation=interpolation), T.ToTensor()])
-    return T.Compose([
-        T.Resize(int(size * config.test_resize_ratio), interpolation=interpolation),
-        T.CenterCrop(size),
-        T.ToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.Resize(int(size * config.test_resize_ratio), interpolation=interpolation),
+            T.CenterCrop(size),
+            T.ToTensor(),
+        ]
+    )

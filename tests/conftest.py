@@ -21,7 +21,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny_backbone_factory():
     """Build a fresh tiny backbone (random-init, fixed seed) per call."""
-    from models.backbones import build_backbone
+    from strata.models.backbones import build_backbone
 
     return lambda name="tiny": build_backbone(name)
 
@@ -29,15 +29,15 @@ def tiny_backbone_factory():
 @pytest.fixture(scope="session")
 def synthetic_stream():
     """A 3-task stream of generated images (6 classes, 2 per task)."""
-    from models.streams import split_by_classes
-    from tasks.datasets import read_dataset
+    from strata.models.streams import split_by_classes
+    from strata.tasks.data.readers import read_dataset
 
     return split_by_classes(read_dataset("synthetic:6"), base=0, increment=2, order="natural")
 
 
 @pytest.fixture()
 def engine():
-    from models.engine import Engine
+    from strata.models.engine import Engine
 
     return Engine("cpu", seed=0, show_progress=False)
 
@@ -54,7 +54,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def digit_batches(tmp_path_factory):
     """scikit-learn's digits as 5 image-folder batches of 2 classes (written once per session)."""
-    from tasks.demo_data import write_digit_batches
+    from strata.tasks.data.demo_batches import write_digit_batches
 
     return write_digit_batches(tmp_path_factory.mktemp("incoming"))
 
@@ -72,8 +72,9 @@ def scratch_postgres_database(prefix: str) -> Iterator[str]:
     """A fresh database on the PostgreSQL at 127.0.0.1:5432, dropped afterwards; a skip saying why if none."""
     psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
     try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True,
-                                connect_timeout=3)
+        admin = psycopg.connect(
+            "host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True, connect_timeout=3
+        )
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"

@@ -48,6 +48,6 @@ if __name__ == "__main__":
     if separator != "--":
         raise SystemExit(__doc__)
     arm(target, when)
-    from flows.cli import app
+    from strata.cli.app import app
 
     app(strata_args, prog_name="strata")

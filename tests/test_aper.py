@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.backbones import BackboneError, build_backbone, weights_fingerprint
-from models.heads import class_means
-from models.methods import StateError, UnknownMethodError, create_method, method_config
-from models.methods.aper import AperConfig, build_pet, parameter_count
-from models.pet.adaptformer import AdaptFormer
-from models.pet.attach import attached
-from models.pet.ssf import SSF
-from models.pet.vpt import VisualPrompts
+from strata.models.backbones import BackboneError, build_backbone, weights_fingerprint
+from strata.models.heads import class_means
+from strata.models.methods import StateError, UnknownMethodError, create_method, method_config
+from strata.models.methods.aper import AperConfig, build_pet, parameter_count
+from strata.models.pet.adaptformer import AdaptFormer
+from strata.models.pet.attach import attached
+from strata.models.pet.ssf import SSF
+from strata.models.pet.vpt import VisualPrompts
 
 VARIANTS = ["aper_adapter", "aper_ssf", "aper_vpt_shallow", "aper_vpt_deep", "aper_finetune"]
 FAST = {"train": {"epochs": 1, "batch_size": 8}}
@@ -77,8 +77,10 @@ def test_vpt_tokens_are_appended_at_the_end_and_removed(deep, tiny_backbone_fact
     seen = []
     # observers registered after the PET's hooks see what the modules see
     with attached(partial(prompts.attach, backbone)):
-        hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-                 for m in [*backbone.blocks, backbone.vit.norm]]
+        hooks = [
+            m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+            for m in [*backbone.blocks, backbone.vit.norm]
+        ]
         features = backbone.forward_features(x)
     for hook in hooks:
         hook.remove()
@@ -126,8 +128,9 @@ def vit_b16():
     return build_backbone("vit_base_patch16_224.augreg_in21k", pretrained=False)
 
 
-@pytest.mark.parametrize("pet, expected", [("adapter", 1_189_632), ("ssf", 205_824), ("vpt_deep", 46_080),
-                                           ("vpt_shallow", 3_840)])
+@pytest.mark.parametrize(
+    "pet, expected", [("adapter", 1_189_632), ("ssf", 205_824), ("vpt_deep", 46_080), ("vpt_shallow", 3_840)]
+)
 def test_pet_parameter_counts_on_vit_b16(pet, expected, vit_b16):
     assert parameter_count(build_pet(AperConfig(pet=pet), vit_b16)) == expected
 
@@ -136,11 +139,17 @@ def test_pet_parameter_counts_on_vit_b16(pet, expected, vit_b16):
 def test_variants_aliases_and_defaults():
     defaults = {name: method_config(name) for name in VARIANTS}
     assert method_config("adam_vpt_deep") == defaults["aper_vpt_deep"]
-    recipe = {n: (c.train.optimizer.lr, c.train.optimizer.weight_decay, c.train.batch_size, c.train.epochs)
-              for n, c in defaults.items()}
-    assert recipe == {"aper_adapter": (0.01, 5e-4, 48, 20), "aper_ssf": (0.01, 5e-4, 48, 20),
-                      "aper_vpt_shallow": (0.01, 5e-4, 48, 20), "aper_vpt_deep": (0.05, 5e-4, 16, 5),
-                      "aper_finetune": (0.01, 5e-4, 128, 5)}
+    recipe = {
+        n: (c.train.optimizer.lr, c.train.optimizer.weight_decay, c.train.batch_size, c.train.epochs)
+        for n, c in defaults.items()
+    }
+    assert recipe == {
+        "aper_adapter": (0.01, 5e-4, 48, 20),
+        "aper_ssf": (0.01, 5e-4, 48, 20),
+        "aper_vpt_shallow": (0.01, 5e-4, 48, 20),
+        "aper_vpt_deep": (0.05, 5e-4, 16, 5),
+        "aper_finetune": (0.01, 5e-4, 128, 5),
+    }
     for config in defaults.values():
         opt = config.train.optimizer
         assert (opt.name, opt.momentum, opt.schedule, opt.min_lr) == ("sgd", 0.9, "cosine", 0.0)
@@ -159,15 +168,16 @@ def test_only_pet_and_head_get_gradients_in_task_0(name, tiny_backbone_factory, 
     method.train().training_loss(x, y).backward()
     with_grad = {n.split(".")[0] for n, p in method.named_parameters() if p.grad is not None}
     assert with_grad == {"pet", "train_head"}
-    assert {id(p) for p in method.trainable_parameters()} == {id(p) for p in [*method.pet.parameters(),
-                                                                              *method.train_head.parameters()]}
+    assert {id(p) for p in method.trainable_parameters()} == {
+        id(p) for p in [*method.pet.parameters(), *method.train_head.parameters()]
+    }
     assert not any(p.requires_grad for p in method.backbone.parameters())
 
 
 @pytest.fixture(scope="module")
 def learned(synthetic_stream):
     """Each variant after tasks 0 and 1 (trained once per module), with what the tests compare against."""
-    from models.engine import Engine
+    from strata.models.engine import Engine
 
     cache = {}
 
@@ -249,8 +259,14 @@ def test_export_module_runs_in_onnxruntime(tmp_path, tiny_backbone_factory):
     _randomise(method.pet)
     _randomise(method.head, std=1.0)
     module = method.export_module()
-    program = torch.onnx.export(module, (torch.rand(2, 3, 32, 32),), dynamo=True, dynamic_shapes=({0: "batch"},),
-                                opset_version=18, verbose=False)
+    program = torch.onnx.export(
+        module,
+        (torch.rand(2, 3, 32, 32),),
+        dynamo=True,
+        dynamic_shapes=({0: "batch"},),
+        opset_version=18,
+        verbose=False,
+    )
     program.save(str(tmp_path / "aper.onnx"))
     session = ort.InferenceSession(str(tmp_path / "aper.onnx"), providers=["CPUExecutionProvider"])
     x = torch.rand(5, 3, 32, 32)
@@ -262,7 +278,7 @@ def test_export_module_runs_in_onnxruntime(tmp_path, tiny_backbone_factory):
 
 
 def test_profiles_mirror_the_official_runs_and_reject_a_narrow_backbone(tiny_backbone_factory):
-    from flows.profiles import profile_params
+    from strata.tasks.benchmarking.profiles import profile_params
 
     params = profile_params("aper-adapter-imagenet-r")
     config = method_config(params["method"], params["overrides"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.backbones import BackboneError, build_backbone
+from strata.models.backbones import BackboneError, build_backbone
 
 
 def test_tiny_is_deterministic_and_labelled_random(tiny_backbone_factory):

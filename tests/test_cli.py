@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from strata.cli.app import app
 
 runner = CliRunner()
 
@@ -22,9 +22,27 @@ def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     results = {}
     for method in ("simplecil", "finetune"):
-        result = runner.invoke(app, ["benchmark", "--dataset", "digits", "--method", method, "--base", "0",
-                                     "--increment", "2", "--backbone", "tiny", "--epochs", "3", "--quiet",
-                                     "--out", str(out / method)])
+        result = runner.invoke(
+            app,
+            [
+                "benchmark",
+                "--dataset",
+                "digits",
+                "--method",
+                method,
+                "--base",
+                "0",
+                "--increment",
+                "2",
+                "--backbone",
+                "tiny",
+                "--epochs",
+                "3",
+                "--quiet",
+                "--out",
+                str(out / method),
+            ],
+        )
         assert result.exit_code == 0, result.output
         results[method] = (result.output, json.loads((out / method / "metrics.json").read_text()), out / method)
     return results
@@ -60,8 +78,9 @@ def test_unknown_dataset_and_backbone(tmp_path):
 
 
 def test_too_few_classes_is_a_clear_error(tmp_path):
-    result = runner.invoke(app, ["benchmark", "--dataset", "synthetic:4", "--base", "3", "--increment", "2",
-                                 "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["benchmark", "--dataset", "synthetic:4", "--base", "3", "--increment", "2", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "needs at least 5 classes" in result.output
 
 
@@ -71,11 +90,26 @@ def test_methods_command():
 
 
 def test_profile_sets_protocol_and_cli_options_win(tmp_path):
-    from flows.profiles import profile_params
+    from strata.tasks.benchmarking.profiles import profile_params
 
     assert profile_params("simplecil-cifar100")["increment"] == 5
-    result = runner.invoke(app, ["benchmark", "--profile", "simplecil-cifar100", "--dataset", "synthetic:6",
-                                 "--backbone", "tiny", "--increment", "3", "--quiet", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "benchmark",
+            "--profile",
+            "simplecil-cifar100",
+            "--dataset",
+            "synthetic:6",
+            "--backbone",
+            "tiny",
+            "--increment",
+            "3",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["protocol"] == "B0-Inc3" and metrics["method"] == "simplecil"
@@ -87,8 +121,22 @@ def test_profile_sets_protocol_and_cli_options_win(tmp_path):
 def test_compare_flow_runs_methods_on_one_stream_with_one_mlflow_run_each(tmp_path, prefect_server):
     from mlflow import MlflowClient
 
-    result = runner.invoke(app, ["compare", "--methods", "simplecil,finetune_head", "--dataset", "synthetic:6",
-                                 "--epochs", "1", "--out", str(tmp_path / "out"), "--workspace", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--methods",
+            "simplecil,finetune_head",
+            "--dataset",
+            "synthetic:6",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--workspace",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "simplecil" in result.output and "finetune_head" in result.output
     uri = f"sqlite:///{tmp_path}/.strata/mlflow.db"
@@ -101,14 +149,24 @@ def test_compare_flow_runs_methods_on_one_stream_with_one_mlflow_run_each(tmp_pa
 
 def test_compare_fans_out_over_a_dask_local_cluster_with_the_sequential_metrics(tmp_path, prefect_server):
     """Methods × seeds on 2 Dask worker processes give exactly the sequential run's accuracy matrices."""
-    from flows.compare import CompareParams, compare
+    from strata.flows.benchmark import CompareParams
+    from strata.flows.benchmark import benchmark as compare
 
-    common = dict(methods=["simplecil", "finetune_head"], seeds=[1993, 7], dataset="synthetic:6", epochs=1,
-                  workspace=str(tmp_path))
+    common = dict(
+        methods=["simplecil", "finetune_head"],
+        seeds=[1993, 7],
+        dataset="synthetic:6",
+        epochs=1,
+        workspace=str(tmp_path),
+    )
     sequential = compare(CompareParams(out=tmp_path / "sequential", **common))
     fanned_out = compare(CompareParams(out=tmp_path / "dask", dask_workers=2, **common))
-    assert [(r["method"], r["seed"]) for r in fanned_out] == [("simplecil", 1993), ("simplecil", 7),
-                                                              ("finetune_head", 1993), ("finetune_head", 7)]
+    assert [(r["method"], r["seed"]) for r in fanned_out] == [
+        ("simplecil", 1993),
+        ("simplecil", 7),
+        ("finetune_head", 1993),
+        ("finetune_head", 7),
+    ]
     assert fanned_out == sequential
     for method in common["methods"]:
         for seed in common["seeds"]:

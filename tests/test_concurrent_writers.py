@@ -31,8 +31,12 @@ def test_eight_concurrent_writers_lose_nothing_and_meet_no_error(backend, capsys
     assert json.loads(capsys.readouterr().out)["backend"] == backend
     assert document["errors"] == []
     assert document["logged"] == []  # warnings and errors the writers logged: what a user would see
-    mismatched = {f"{store}.{name}": figures for store, counts in document["counts"].items()
-                  for name, figures in counts.items() if figures["found"] != figures["expected"]}
+    mismatched = {
+        f"{store}.{name}": figures
+        for store, counts in document["counts"].items()
+        for name, figures in counts.items()
+        if figures["found"] != figures["expected"]
+    }
     assert mismatched == {}
     assert document["counts"]["mlflow"]["model_versions"]["found"] == 8
     assert document["lost_writes"] == 0

@@ -12,15 +12,15 @@ from mlflow import MlflowClient
 from sqlalchemy import event, select, text
 from sqlalchemy.engine import Engine
 
-from flows.learn import LearnParams, learn
-from models.methods.base import Method
-from tasks.increments import increments
-from tasks.ingest import ingest
-from tasks.ledger import LearnedClass, LedgerError, find_learner, ledger_session, make_engine
-from tasks.migrate import migrated_engine
-from tasks.registry import GateConfig
-from tasks.settings import load_settings
-from tasks.workspace import init_workspace
+from strata.flows.learn import LearnParams, learn
+from strata.models.methods.base import Method
+from strata.tasks.data.ingest import ingest
+from strata.tasks.ledger.increments import increments
+from strata.tasks.ledger.migrate import migrated_engine
+from strata.tasks.ledger.store import LearnedClass, LedgerError, find_learner, ledger_session, make_engine
+from strata.tasks.tracking.promotion import GateConfig
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import init_workspace
 from tests.conftest import scratch_postgres_database
 
 LENIENT = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
@@ -52,8 +52,11 @@ def _terminate(database: str, pid: int | None = None) -> int:
 
     with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True) as admin:
         where = "pid = %s" if pid else "datname = %s AND pid <> pg_backend_pid()"
-        return len(admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}",
-                                 (pid or database,)).fetchall())
+        return len(
+            admin.execute(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}", (pid or database,)
+            ).fetchall()
+        )
 
 
 def _learn(settings):
@@ -71,7 +74,8 @@ def _ledger(settings):
 
 
 def test_dropped_connections_mid_learn_are_replaced_or_fail_clearly_and_the_next_learn_completes(
-        pg_workspace, prefect_server, monkeypatch):
+    pg_workspace, prefect_server, monkeypatch
+):
     """Task 0: every connection on the database is terminated as training starts (a restart): the pooled ones
     are pre-pinged and replaced, and the run goes on. Task 1: the ledger's connection dies between the
     increment's first class row and its commit: the database rolls the whole increment back and the run

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.streams import StreamError, split_by_classes
-from tasks.datasets import DatasetError, read_dataset
+from strata.models.streams import StreamError, split_by_classes
+from strata.tasks.data.readers import DatasetError, read_dataset
 
 
 def _image(path, value=0):
@@ -76,8 +76,7 @@ def _write_cifar(root, n_train=20, n_test=10):
     root.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("test", n_test)):
-        data = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                b"fine_labels": [i % 100 for i in range(n)]}
+        data = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"fine_labels": [i % 100 for i in range(n)]}
         (root / split).write_bytes(pickle.dumps(data))
     (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
 

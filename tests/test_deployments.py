@@ -23,14 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.deployments import DeploymentError, declare, declared_entries, render, runner_deployment
-from tasks.ingest import ingest
-from tasks.settings import load_settings
-from tasks.workspace import init_workspace
+from strata.tasks.data.ingest import ingest
+from strata.tasks.orchestration.deployments import DeploymentError, declare, declared_entries, render, runner_deployment
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import init_workspace
 from tests.conftest import free_port, scratch_postgres_database
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATA = [sys.executable, "-m", "flows.cli"]
+STRATA = [sys.executable, "-m", "strata.cli.app"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -39,15 +39,17 @@ def test_prefect_yaml_declares_learn_per_learner_with_schedule_trigger_and_queue
     assert sorted(d.full_name for d in declared) == ["benchmark/manual", "export/manual", "learn/cats", "learn/pets"]
     pets = next(d for d in declared if d.full_name == "learn/pets")
     deployment = runner_deployment(pets)
-    assert deployment.entrypoint == "flows.learn.learn" and deployment.work_pool_name == "strata"
+    assert deployment.entrypoint == "strata.flows.learn.learn" and deployment.work_pool_name == "strata"
     assert deployment.parameters == {"params": {"learner": "pets", "show_progress": False}}
     assert deployment.job_variables == {"working_dir": str(tmp_path)}
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
     (trigger,) = deployment.triggers
     assert trigger.expect == {"strata.batch.ingested"}
-    assert trigger.match_related.root == {"prefect.resource.role": "learner",
-                                          "prefect.resource.id": "strata.learner.pets"}
+    assert trigger.match_related.root == {
+        "prefect.resource.role": "learner",
+        "prefect.resource.id": "strata.learner.pets",
+    }
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
     assert deployment.concurrency_limit == 1
     served = runner_deployment(pets, served=True)
@@ -78,12 +80,18 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     port = free_port()
     log = (home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait(lambda: _healthy(url), 120,
-              lambda: f"the Prefect server did not start: {(home / 'server.log').read_text()}")
+        _wait(
+            lambda: _healthy(url), 120, lambda: f"the Prefect server did not start: {(home / 'server.log').read_text()}"
+        )
         yield url
     finally:
         _stop(server)
@@ -99,8 +107,15 @@ def prefect_api(tmp_path_factory):
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               PYTHONPATH=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_RUNNER_POLL_FREQUENCY="1")
+    env.update(
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        MPLBACKEND="Agg",
+        PYTHONPATH=str(ROOT),
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
     env.update(extra)
     return env
 
@@ -153,10 +168,14 @@ def _ingest(workspace: Path, batches: list[Path], learner: str) -> None:
 
 def _post_ingested(url: str, learner: str, batch_id: str) -> None:
     """What a pipeline that does not run Python sends: one event, plain JSON, to the Prefect API."""
-    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "strata.batch.ingested",
-             "resource": {"prefect.resource.id": f"strata.batch.{batch_id}"},
-             "related": [{"prefect.resource.id": f"strata.learner.{learner}", "prefect.resource.role": "learner"}],
-             "payload": {"learner": learner, "batch_id": batch_id}}
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": "strata.batch.ingested",
+        "resource": {"prefect.resource.id": f"strata.batch.{batch_id}"},
+        "related": [{"prefect.resource.id": f"strata.learner.{learner}", "prefect.resource.role": "learner"}],
+        "payload": {"learner": learner, "batch_id": batch_id},
+    }
     assert httpx.post(f"{url}/events", json=[event], timeout=10).status_code == 204
 
 
@@ -172,6 +191,7 @@ def _runs(url: str, deployment_id: str) -> list[dict]:
 
 def _finished_runs(url: str, deployment_id: str, count: int, logs: list[Path]) -> list[dict]:
     """Wait until ``count`` triggered runs of the deployment have ended; they must all have completed."""
+
     def ended() -> bool:  # the nightly schedule's future runs are auto-scheduled: not counted
         return sum(r["state_type"] in TERMINAL for r in _runs(url, deployment_id) if not r["auto_scheduled"]) >= count
 
@@ -193,17 +213,16 @@ def _state_names(url: str, run: dict) -> list[str]:
 
 
 def _ledger_tasks(workspace: Path, learner: str) -> list[tuple[int, str]]:
-    from tasks.increments import increments
-    from tasks.ledger import find_learner
-    from tasks.migrate import ledger
-    from tasks.settings import load_settings
+    from strata.tasks.ledger.increments import increments
+    from strata.tasks.ledger.migrate import ledger
+    from strata.tasks.ledger.store import find_learner
+    from strata.tasks.workspace.settings import load_settings
 
     with ledger(load_settings(workspace).ledger_url) as session:
         return [(i.task_index, i.status) for i in increments(session, find_learner(session, learner))]
 
 
-def test_deploy_worker_and_ingest_events_run_learn_one_run_per_learner_at_a_time(tmp_path, prefect_api,
-                                                                                    digit_batches):
+def test_deploy_worker_and_ingest_events_run_learn_one_run_per_learner_at_a_time(tmp_path, prefect_api, digit_batches):
     workspace = _workspace(tmp_path, digit_batches[:1], "digits")
     api = _env(PREFECT_API_URL=prefect_api)
     deployed = _strata(["deploy", "--gpu-slots", "2"], workspace, api)
@@ -215,8 +234,9 @@ def test_deploy_worker_and_ingest_events_run_learn_one_run_per_learner_at_a_time
 
     worker_log = tmp_path / "worker.log"
     with worker_log.open("w") as log:
-        worker = subprocess.Popen([*STRATA, "worker"], cwd=tmp_path, env=api, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            [*STRATA, "worker"], cwd=tmp_path, env=api, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         # the data team's Python path: `strata ingest` emits strata.batch.ingested; the trigger starts learn
         _strata(["ingest", str(digit_batches[1]), "--learner", "digits"], workspace, api)
@@ -233,8 +253,12 @@ def test_deploy_worker_and_ingest_events_run_learn_one_run_per_learner_at_a_time
     second, third = sorted((r for r in runs if r["id"] != first["id"]), key=lambda r: r["start_time"])
     assert "AwaitingConcurrencySlot" in _state_names(prefect_api, third), "the second run did not queue"
     assert third["start_time"] >= second["end_time"], "two learn runs of one learner overlapped"
-    assert _ledger_tasks(workspace, "digits") == [(0, "succeeded"), (1, "succeeded"), (2, "succeeded"),
-                                                  (3, "succeeded")]
+    assert _ledger_tasks(workspace, "digits") == [
+        (0, "succeeded"),
+        (1, "succeeded"),
+        (2, "succeeded"),
+        (3, "succeeded"),
+    ]
 
 
 def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, digit_batches):
@@ -246,11 +270,20 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
     gpu_slots = _limits(prefect_api).get("gpu")  # without --gpu-slots, an existing limit is kept as it is
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
-        server = subprocess.Popen([*STRATA, "serve-flows", "--learner", "served"], cwd=workspace, env=api,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [*STRATA, "serve-flows", "--learner", "served"],
+            cwd=workspace,
+            env=api,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        _wait(lambda: httpx.get(f"{prefect_api}/deployments/name/learn/served", timeout=10).status_code == 200, 120,
-              lambda: log_path.read_text())
+        _wait(
+            lambda: httpx.get(f"{prefect_api}/deployments/name/learn/served", timeout=10).status_code == 200,
+            120,
+            lambda: log_path.read_text(),
+        )
         learn_id = _deployment_id(prefect_api, "learn/served")
         _ingest(workspace, digit_batches[1:2], "served")
         _post_ingested(prefect_api, "served", "batch-2")
@@ -261,8 +294,7 @@ def test_serve_flows_runs_triggered_learn_without_a_pool(tmp_path, prefect_api, 
     assert deployment["schedules"][0]["schedule"]["cron"] == "30 3 * * *"
     assert _limits(prefect_api)["gpu"] == (gpu_slots or 1)
     assert _ledger_tasks(workspace, "served") == [(0, "succeeded"), (1, "succeeded")]
-    assert json.loads(json.dumps(deployment["parameters"])) == {"params": {"learner": "served",
-                                                                           "show_progress": False}}
+    assert json.loads(json.dumps(deployment["parameters"])) == {"params": {"learner": "served", "show_progress": False}}
 
 
 def test_two_learn_processes_of_one_learner_never_learn_a_task_twice(tmp_path, prefect_api, digit_batches):
@@ -270,17 +302,27 @@ def test_two_learn_processes_of_one_learner_never_learn_a_task_twice(tmp_path, p
     holds the learner (exit 2) or, started after the winner finished, finds nothing left; one increment."""
     workspace = _workspace(tmp_path, digit_batches[:1], "raced")
     env = _env(PREFECT_API_URL=prefect_api)
-    racers = [subprocess.Popen([*STRATA, "learn", "--learner", "raced"], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    racers = [
+        subprocess.Popen(
+            [*STRATA, "learn", "--learner", "raced"],
+            cwd=workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outcomes = []
     for racer in racers:
         out, err = racer.communicate(timeout=300)
         outcomes.append((racer.returncode, " ".join((out + err).split())))  # rich wraps long lines
     learned = [text for code, text in outcomes if code == 0 and "learned batch-" in text]
     assert len(learned) == 1, outcomes
-    (code, text), = [outcome for outcome in outcomes if outcome[1] not in learned]
-    assert (code == 2 and "is busy:" in text and "holds its lease" in text) or \
-        (code == 0 and "has nothing new to learn (1 tasks learned)" in text), outcomes
+    ((code, text),) = [outcome for outcome in outcomes if outcome[1] not in learned]
+    assert (code == 2 and "is busy:" in text and "holds its lease" in text) or (
+        code == 0 and "has nothing new to learn (1 tasks learned)" in text
+    ), outcomes
     assert _ledger_tasks(workspace, "raced") == [(0, "succeeded")]
 
 
@@ -293,14 +335,17 @@ def test_a_prefect_server_on_postgresql_takes_the_deployments_and_triggers_a_run
             learn_id = _deployment_id(url, "learn/digits")
             assert httpx.get(f"{url}/work_pools/pg-pool", timeout=10).json()["type"] == "process"
             _post_ingested(url, "digits", "batch-1")
-            _wait(lambda: any(not r["auto_scheduled"] for r in _runs(url, learn_id)), 60,
-                  "the event did not trigger a learn run")
+            _wait(
+                lambda: any(not r["auto_scheduled"] for r in _runs(url, learn_id)),
+                60,
+                "the event did not trigger a learn run",
+            )
 
 
 def test_more_training_processes_than_gpu_slots_is_a_clear_error(prefect_server):
     from prefect import flow, get_client
 
-    from tasks.deployments import GPU_LIMIT, ensure_limit, gpu_slots
+    from strata.tasks.orchestration.gpu_slots import GPU_LIMIT, ensure_limit, gpu_slots
 
     @flow
     def hold(count: int) -> str:

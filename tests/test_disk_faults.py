@@ -71,11 +71,11 @@ def scenario(mount: Path, batches: list[Path]) -> dict:
     from dvc.repo import Repo
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks.ledger import ledger_session, list_data_versions, make_engine
-    from tasks.settings import load_settings
-    from tasks.versioning import git
-    from tasks.workspace import init_workspace
+    from strata.cli.app import app
+    from strata.tasks.data.versioning import git
+    from strata.tasks.ledger.store import ledger_session, list_data_versions, make_engine
+    from strata.tasks.workspace.settings import load_settings
+    from strata.tasks.workspace.setup import init_workspace
 
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount)], check=True)
     workspace = mount / "ws"
@@ -91,8 +91,7 @@ def scenario(mount: Path, batches: list[Path]) -> dict:
             for descriptor in (1, 2):
                 os.dup2(sink.fileno(), descriptor)
             try:
-                result = runner.invoke(app, ["ingest", str(batch), "--learner", "pets", "--workspace",
-                                             str(workspace)])
+                result = runner.invoke(app, ["ingest", str(batch), "--learner", "pets", "--workspace", str(workspace)])
             finally:
                 sys.__stdout__.flush()
                 sys.__stderr__.flush()
@@ -101,9 +100,14 @@ def scenario(mount: Path, batches: list[Path]) -> dict:
                     os.close(original)
             sink.seek(0)
             stray = sink.read().decode(errors="replace")
-        return {"exit_code": result.exit_code, "output": result.output, "stray": stray,
-                "exception": None if result.exception is None or isinstance(result.exception, SystemExit)
-                else f"{type(result.exception).__name__}: {result.exception}"}
+        return {
+            "exit_code": result.exit_code,
+            "output": result.output,
+            "stray": stray,
+            "exception": None
+            if result.exception is None or isinstance(result.exception, SystemExit)
+            else f"{type(result.exception).__name__}: {result.exception}",
+        }
 
     def stores() -> dict:
         engine = make_engine(settings.ledger_url)
@@ -112,9 +116,14 @@ def scenario(mount: Path, batches: list[Path]) -> dict:
         engine.dispose()
         with Repo(str(workspace)) as repo:
             dvc_status, remote_status = repo.status(), repo.status(cloud=True)
-        return {"versions": versions, "git_status": git(workspace, "status", "--porcelain", "--untracked-files=all"),
-                "dvc_status": dvc_status, "remote_status": remote_status, "head": git(workspace, "rev-parse", "HEAD"),
-                "batches": sorted(os.listdir(workspace / "data" / "batches"))}
+        return {
+            "versions": versions,
+            "git_status": git(workspace, "status", "--porcelain", "--untracked-files=all"),
+            "dvc_status": dvc_status,
+            "remote_status": remote_status,
+            "head": git(workspace, "rev-parse", "HEAD"),
+            "batches": sorted(os.listdir(workspace / "data" / "batches")),
+        }
 
     report = {"first": ingest(batches[0])}
     report["before_full"] = stores()
@@ -145,17 +154,22 @@ def report(tmp_path_factory) -> dict:
     reason = namespaces_usable(root / "probe")
     if reason:
         pytest.skip(reason)
-    batches = [image_tree(root / "incoming" / "one", {"cat": 3, "dog": 3}),
-               large_batch(root / "incoming" / "two", 20),
-               image_tree(root / "incoming" / "three", {"eel": 3, "yak": 3})]
+    batches = [
+        image_tree(root / "incoming" / "one", {"cat": 3, "dog": 3}),
+        large_batch(root / "incoming" / "two", 20),
+        image_tree(root / "incoming" / "three", {"eel": 3, "yak": 3}),
+    ]
     mount = root / "mnt"
     mount.mkdir()
-    code = (f"import json, sys; from tests.test_disk_faults import scenario; from pathlib import Path; "
-            f"json.dump(scenario(Path({str(mount)!r}), [Path(p) for p in {[str(b) for b in batches]!r}]), "
-            f"sys.stdout)")
+    code = (
+        f"import json, sys; from tests.test_disk_faults import scenario; from pathlib import Path; "
+        f"json.dump(scenario(Path({str(mount)!r}), [Path(p) for p in {[str(b) for b in batches]!r}]), "
+        f"sys.stdout)"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}  # COLUMNS: rich must not wrap the one line
-    result = subprocess.run(namespace_command(sys.executable, "-c", code), capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        namespace_command(sys.executable, "-c", code), capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

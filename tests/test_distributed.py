@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.utils.data import TensorDataset
 
-from models.engine import Engine, GlobalBatchSampler, OptimizerConfig, TrainConfig, TrainingHooks
+from strata.models.engine import Engine, GlobalBatchSampler, OptimizerConfig, TrainConfig, TrainingHooks
 from tests.conftest import free_port
 
 
@@ -19,7 +19,7 @@ class LastBlockProbe(nn.Module, TrainingHooks):
     """The tiny ViT with a linear head and its last block (``part``: all of it, or its MLP) trainable."""
 
     def __init__(self, classes: int, part: str = "block"):
-        from models.backbones import build_backbone
+        from strata.models.backbones import build_backbone
 
         super().__init__()
         self.backbone = build_backbone("tiny")
@@ -38,14 +38,15 @@ class LastBlockProbe(nn.Module, TrainingHooks):
 
 def train_probe(samples: int, batch_size: int, optimizer: str, part: str) -> dict[str, torch.Tensor]:
     """One process's training: the same data, model and seed everywhere; only the process group differs."""
-    from models.engine import init_distributed, seed_everything
+    from strata.models.engine import init_distributed, seed_everything
 
     init_distributed()
     torch.set_num_threads(1)
     seed_everything(0)
     generator = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.rand(samples, 3, 32, 32, generator=generator),
-                         torch.randint(0, 4, (samples,), generator=generator))
+    data = TensorDataset(
+        torch.rand(samples, 3, 32, 32, generator=generator), torch.randint(0, 4, (samples,), generator=generator)
+    )
     probe = LastBlockProbe(classes=4, part=part)
     config = TrainConfig(epochs=2, batch_size=batch_size, optimizer=OptimizerConfig(name=optimizer, lr=1e-3))
     Engine("cpu", seed=3, show_progress=False).fit(probe, data, config)
@@ -53,18 +54,28 @@ def train_probe(samples: int, batch_size: int, optimizer: str, part: str) -> dic
 
 
 def launch(processes: int, *args) -> dict[int, dict[str, torch.Tensor]]:
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     return elastic_launch(config, train_probe)(*args)
 
 
 # Adam trains the MLP only: the attention's key bias has an exactly zero gradient (softmax ignores a shift
 # shared by all keys), so its computed gradient is summation noise that Adam's normalisation turns into
 # full-size steps whatever the processes do; SGD shows the whole block, attention included, agrees.
-@pytest.mark.parametrize(("samples", "batch_size", "optimizer", "part"),
-                         [(20, 7, "sgd", "block"), (24, 8, "adam", "mlp")],
-                         ids=["uneven-shares-sgd-block", "even-shares-adam-mlp"])
+@pytest.mark.parametrize(
+    ("samples", "batch_size", "optimizer", "part"),
+    [(20, 7, "sgd", "block"), (24, 8, "adam", "mlp")],
+    ids=["uneven-shares-sgd-block", "even-shares-adam-mlp"],
+)
 def test_two_gloo_processes_reach_the_parameters_of_one(samples, batch_size, optimizer, part):
     (single,) = launch(1, samples, batch_size, optimizer, part).values()
     parallel = launch(2, samples, batch_size, optimizer, part)
@@ -72,14 +83,15 @@ def test_two_gloo_processes_reach_the_parameters_of_one(samples, batch_size, opt
     for name, value in single.items():
         assert not torch.equal(value, start[name]), f"{name} did not train"
         assert torch.equal(parallel[0][name], parallel[1][name]), f"the processes disagree on {name}"
-        torch.testing.assert_close(parallel[0][name], value, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(parallel[0][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_global_batches_are_split_into_shares_that_cover_them_exactly():
     for size, batch, processes, drop_last in [(20, 7, 2, False), (20, 8, 3, True), (9, 4, 2, False), (5, 5, 1, False)]:
-        shares = [GlobalBatchSampler(size, batch, seed=5, rank=r, world_size=processes, drop_last=drop_last)
-                  for r in range(processes)]
+        shares = [
+            GlobalBatchSampler(size, batch, seed=5, rank=r, world_size=processes, drop_last=drop_last)
+            for r in range(processes)
+        ]
         whole = GlobalBatchSampler(size, batch, seed=5, drop_last=drop_last or size % batch < processes)
         for epoch in (0, 1):
             for sampler in (*shares, whole):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from models.engine import Engine, OptimizerConfig, TrainConfig, TrainingHooks, schedule_factor
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig, TrainingHooks, schedule_factor
 
 
 def test_cosine_schedule_matches_torch():
@@ -61,8 +61,9 @@ def test_fit_calls_hooks_and_reports_epochs(engine):
     hooks = CountingHooks()
     reports = []
     engine.on_epoch_end = reports.append
-    config = TrainConfig(epochs=3, batch_size=8, drop_last=True, optimizer=OptimizerConfig(name="adam", lr=0.01,
-                                                                                          schedule="constant"))
+    config = TrainConfig(
+        epochs=3, batch_size=8, drop_last=True, optimizer=OptimizerConfig(name="adam", lr=0.01, schedule="constant")
+    )
     losses = engine.fit(hooks, _data(), config)
     assert hooks.epochs_started == [0, 1, 2]
     assert hooks.steps == 3 * 2  # 20 samples, batch 8, drop_last

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from models.methods import available_methods, create_method, method_entry
-from tasks.onnx_export import ExportError, check_parity, export_method
-from tasks.providers import create_session, preferred_providers
-from tasks.triton import write_triton_repository
+from strata.models.methods import available_methods, create_method, method_entry
+from strata.tasks.export.onnx_graph import ExportError, check_parity, export_method
+from strata.tasks.export.triton import write_triton_repository
+from strata.tasks.serving.providers import create_session, preferred_providers
 
 
 def _fast(name: str) -> dict:
@@ -93,8 +93,9 @@ def test_cpu_machine_never_asks_for_cuda():
 def test_triton_repository_config(tmp_path, tiny_backbone_factory, synthetic_stream, engine):
     method = _learned("simplecil", tiny_backbone_factory(), synthetic_stream, engine)
     result = export_method(method, tmp_path / "export")
-    folder = write_triton_repository(result.model_path, tmp_path / "triton", "strata-digits", version=3,
-                                     max_batch_size=16, tensorrt=True)
+    folder = write_triton_repository(
+        result.model_path, tmp_path / "triton", "strata-digits", version=3, max_batch_size=16, tensorrt=True
+    )
     assert (folder / "3" / "model.onnx").read_bytes() == result.model_path.read_bytes()
     config = (folder / "config.pbtxt").read_text()
     assert 'name: "strata-digits"' in config and 'platform: "onnxruntime_onnx"' in config

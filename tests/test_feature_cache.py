@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from benchmarks.feature_reuse import ImageCounter
-from models.engine import Engine, seed_everything
-from models.methods import create_method
-from models.streams import LabelledDataset, stream_from_batches
-from tasks.feature_cache import DiskFeatureCache
+from strata.models.engine import Engine, seed_everything
+from strata.models.methods import create_method
+from strata.models.streams import LabelledDataset, stream_from_batches
+from strata.tasks.training.feature_cache import DiskFeatureCache
 
 APER_SMALL = {"train": {"epochs": 1, "batch_size": 8}}
 OVOR_SMALL = {"train": {"epochs": 2, "batch_size": 8}, "vor_epochs": 1, "outliers": {"num_per_class": 4}}
@@ -36,8 +36,9 @@ def learn(name, factory, task, engine, overrides=None, backbone="tiny"):
 
 
 @pytest.mark.parametrize(("name", "overrides", "branches"), [("simplecil", None, 1), ("aper_adapter", APER_SMALL, 2)])
-def test_second_run_of_an_increment_does_no_backbone_forward(name, overrides, branches, task, tmp_path,
-                                                             tiny_backbone_factory):
+def test_second_run_of_an_increment_does_no_backbone_forward(
+    name, overrides, branches, task, tmp_path, tiny_backbone_factory
+):
     first, forwards = learn(name, tiny_backbone_factory, task, cached_engine(tmp_path), overrides)
     assert forwards == branches * len(task.train)
     engine = cached_engine(tmp_path)

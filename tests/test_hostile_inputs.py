@@ -29,22 +29,22 @@ from safetensors.torch import save_file
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.export import ExportParams
-from flows.learn import LearnParams, learn
-from models.backbones import BackboneError, build_backbone
-from models.engine import Engine
-from models.evaluation import evaluate
-from models.methods import StateError, create_method
-from models.streams import stream_from_batches
-from tasks.data import materialise
-from tasks.increments import configure_learner, finish_increment, start_increment
-from tasks.ingest import IngestError, ingest
-from tasks.ledger import Base, Learner, LearnerNameError, find_data_version, ledger_session, make_engine
-from tasks.settings import SETTINGS_FILE, load_settings
-from tasks.validate import BatchRejectedError
-from tasks.versioning import git
-from tasks.workspace import init_workspace
+from strata.cli.app import app
+from strata.flows.export import ExportParams
+from strata.flows.learn import LearnParams, learn
+from strata.models.backbones import BackboneError, build_backbone
+from strata.models.engine import Engine
+from strata.models.evaluation import evaluate
+from strata.models.methods import StateError, create_method
+from strata.models.streams import stream_from_batches
+from strata.tasks.data.ingest import IngestError, ingest
+from strata.tasks.data.materialise import materialise
+from strata.tasks.data.validate import BatchRejectedError
+from strata.tasks.data.versioning import git
+from strata.tasks.ledger.increments import configure_learner, finish_increment, start_increment
+from strata.tasks.ledger.store import Base, Learner, LearnerNameError, find_data_version, ledger_session, make_engine
+from strata.tasks.workspace.settings import SETTINGS_FILE, load_settings
+from strata.tasks.workspace.setup import init_workspace
 from tests.test_ingest import image_tree, png_bytes
 
 
@@ -55,8 +55,9 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def pickle_payload(marker: Path) -> bytes:
@@ -73,8 +74,14 @@ def _tree(root: Path) -> dict[str, str]:
     """Every entry under ``root``: a file by its content digest, a folder or link by its kind."""
     if not root.exists():
         return {}
-    return {p.relative_to(root).as_posix(): "link" if p.is_symlink() else "dir" if p.is_dir()
-            else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): "link"
+        if p.is_symlink()
+        else "dir"
+        if p.is_dir()
+        else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def store_snapshot(settings) -> dict:
@@ -86,8 +93,9 @@ def store_snapshot(settings) -> dict:
     """
     engine = make_engine(settings.ledger_url)
     with engine.connect() as connection:
-        ledger = {table.name: sorted(map(repr, connection.execute(select(table))))
-                  for table in Base.metadata.sorted_tables}
+        ledger = {
+            table.name: sorted(map(repr, connection.execute(select(table)))) for table in Base.metadata.sorted_tables
+        }
     engine.dispose()
     mlflow_db = Path(settings.mlflow_tracking_uri.removeprefix("sqlite:///"))
     return {
@@ -97,8 +105,10 @@ def store_snapshot(settings) -> dict:
         "dvc_cache": _tree(settings.workspace / ".dvc" / "cache"),
         "dvc_remote": _tree(Path(settings.dvc_remote)),
         "learner_states": _tree(settings.state_dir / "increments"),
-        "mlflow": (_tree(Path(settings.mlflow_artifacts)),
-                   mlflow_db.is_file() and hashlib.sha256(mlflow_db.read_bytes()).hexdigest()),
+        "mlflow": (
+            _tree(Path(settings.mlflow_artifacts)),
+            mlflow_db.is_file() and hashlib.sha256(mlflow_db.read_bytes()).hexdigest(),
+        ),
     }
 
 
@@ -114,6 +124,7 @@ def workspace(tmp_path_factory):
 
 # -- ingest: batches refused whole ---------------------------------------------------------------------------
 
+
 def _corrupt(root: Path) -> Path:
     image_tree(root, {"cat": 3})
     damaged = bytearray((root / "cat" / "0.png").read_bytes())
@@ -125,7 +136,7 @@ def _corrupt(root: Path) -> Path:
 def _truncated(root: Path) -> Path:
     image_tree(root, {"cat": 3})
     whole = (root / "cat" / "0.png").read_bytes()
-    (root / "cat" / "0.png").write_bytes(whole[:len(whole) // 2])
+    (root / "cat" / "0.png").write_bytes(whole[: len(whole) // 2])
     return root
 
 
@@ -198,30 +209,56 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", pax_pa
     return info
 
 
-@pytest.mark.parametrize(("make", "problem"), [
-    (_corrupt, r"cat/0.png: does not decode as an image \(SyntaxError: broken PNG file"),
-    (_truncated, r"cat/0.png: does not decode as an image \(OSError: Truncated File Read"),
-    (_not_an_image, r"cat/notes.jpg: does not decode as an image"),
-    (_bomb(100_000, 100_000), r"cat/bomb.png: does not decode .*could be decompression bomb"),
-    (_bomb(9_000, 9_000), r"cat/bomb.png: 9000x9000 pixels is over the size limit \(possible decompression bomb\)"),
-    (_empty, r"the batch holds no images"),
-    (lambda root: _zip(root, ["../0.png", "../1.png"]), r"archive member '../0.png' escapes its folder \(..\)"),
-    (lambda root: _zip(root, ["cats/or/dogs/0.png", "cats/or/dogs/1.png"]),
-     r"cats/or: nested folders inside a class are not allowed"),
-    (lambda root: _zip(root, ["catXevil/0.png", "catXevil/1.png"], (b"catXevil", b"cat\0evil")),
-     r"archive member 'cat\\x00evil/0.png' contains a NUL byte"),
-    (_tar(_member("cat1/0.png", pax_path="cat\0evil/0.png")), r"archive member 'cat\\x00evil/0.png' contains a NUL"),
-    (_long_class_name, r"class name 'x{200}' is not safe as a folder name .*at most 64 characters"),
-    (_tar(_member("/abs/cat/escape.png")), r"archive member '/abs/cat/escape.png' has an absolute path"),
-    (lambda root: _zip(root, ["/etc/cat/evil.png"]), r"archive member '/etc/cat/evil.png' has an absolute path"),
-    (_tar(_member("cat/../../escape.png")), r"archive member 'cat/../../escape.png' escapes its folder"),
-    (_tar(_member("cat/link.png", tarfile.SYMTYPE, "/etc/passwd")), r"'cat/link.png' is a link or special file"),
-    (_tar(_member("cat/hard.png", tarfile.LNKTYPE, "cat/0.png")), r"'cat/hard.png' is a link or special file"),
-    (_zip_symlink, r"archive member 'cat/link.png' is a symbolic link"),
-], ids=["corrupt-image", "truncated-image", "non-image-with-image-extension", "decompression-bomb-pillow-limit",
-        "decompression-bomb-strata-limit", "empty-batch", "class-name-dotdot", "class-name-slash", "class-name-nul-zip",
-        "class-name-nul-tar", "class-name-too-long", "tar-absolute-path", "zip-absolute-path", "tar-dotdot-member",
-        "tar-symlink", "tar-hardlink", "zip-symlink"])
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_corrupt, r"cat/0.png: does not decode as an image \(SyntaxError: broken PNG file"),
+        (_truncated, r"cat/0.png: does not decode as an image \(OSError: Truncated File Read"),
+        (_not_an_image, r"cat/notes.jpg: does not decode as an image"),
+        (_bomb(100_000, 100_000), r"cat/bomb.png: does not decode .*could be decompression bomb"),
+        (_bomb(9_000, 9_000), r"cat/bomb.png: 9000x9000 pixels is over the size limit \(possible decompression bomb\)"),
+        (_empty, r"the batch holds no images"),
+        (lambda root: _zip(root, ["../0.png", "../1.png"]), r"archive member '../0.png' escapes its folder \(..\)"),
+        (
+            lambda root: _zip(root, ["cats/or/dogs/0.png", "cats/or/dogs/1.png"]),
+            r"cats/or: nested folders inside a class are not allowed",
+        ),
+        (
+            lambda root: _zip(root, ["catXevil/0.png", "catXevil/1.png"], (b"catXevil", b"cat\0evil")),
+            r"archive member 'cat\\x00evil/0.png' contains a NUL byte",
+        ),
+        (
+            _tar(_member("cat1/0.png", pax_path="cat\0evil/0.png")),
+            r"archive member 'cat\\x00evil/0.png' contains a NUL",
+        ),
+        (_long_class_name, r"class name 'x{200}' is not safe as a folder name .*at most 64 characters"),
+        (_tar(_member("/abs/cat/escape.png")), r"archive member '/abs/cat/escape.png' has an absolute path"),
+        (lambda root: _zip(root, ["/etc/cat/evil.png"]), r"archive member '/etc/cat/evil.png' has an absolute path"),
+        (_tar(_member("cat/../../escape.png")), r"archive member 'cat/../../escape.png' escapes its folder"),
+        (_tar(_member("cat/link.png", tarfile.SYMTYPE, "/etc/passwd")), r"'cat/link.png' is a link or special file"),
+        (_tar(_member("cat/hard.png", tarfile.LNKTYPE, "cat/0.png")), r"'cat/hard.png' is a link or special file"),
+        (_zip_symlink, r"archive member 'cat/link.png' is a symbolic link"),
+    ],
+    ids=[
+        "corrupt-image",
+        "truncated-image",
+        "non-image-with-image-extension",
+        "decompression-bomb-pillow-limit",
+        "decompression-bomb-strata-limit",
+        "empty-batch",
+        "class-name-dotdot",
+        "class-name-slash",
+        "class-name-nul-zip",
+        "class-name-nul-tar",
+        "class-name-too-long",
+        "tar-absolute-path",
+        "zip-absolute-path",
+        "tar-dotdot-member",
+        "tar-symlink",
+        "tar-hardlink",
+        "zip-symlink",
+    ],
+)
 def test_bad_batch_is_refused_and_every_store_is_as_it_was(workspace, tmp_path, make, problem):
     settings = workspace[0]
     source = make(tmp_path / "src")
@@ -240,8 +277,11 @@ def test_re_ingested_batch_changes_nothing_and_another_learner_is_refused(worksp
     before = store_snapshot(settings)
     for source in (baseline, archive):
         again = ingest(settings, source, "pets")
-        assert not again.created and (again.batch_id, again.md5, again.git_rev) == (first.batch_id, first.md5,
-                                                                                    first.git_rev)
+        assert not again.created and (again.batch_id, again.md5, again.git_rev) == (
+            first.batch_id,
+            first.md5,
+            first.git_rev,
+        )
     with pytest.raises(IngestError, match=rf"{first.batch_id} was already ingested for learner 'pets'"):
         ingest(settings, baseline, "other")
     assert store_snapshot(settings) == before
@@ -251,8 +291,11 @@ def test_batch_with_classes_the_learner_knows_is_refused_and_changes_nothing(wor
     settings = workspace[0]
     overlapping = image_tree(tmp_path / "next", {"dog": 3, "fox": 3})
     before = store_snapshot(settings)
-    with pytest.raises(IngestError, match=r"learner 'pets' already knows classes \['dog'\]; a batch may only "
-                                          r"bring new classes"):
+    with pytest.raises(
+        IngestError,
+        match=r"learner 'pets' already knows classes \['dog'\]; a batch may only "
+        r"bring new classes",
+    ):
         ingest(settings, overlapping, "pets")
     assert store_snapshot(settings) == before
 
@@ -294,11 +337,19 @@ def test_single_class_batch_is_ingested_and_learned_as_a_one_class_task(workspac
 
 # -- settings and the command line ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("ledger_url = [unclosed\n", "strata.toml is not valid TOML"),
-    ('ledger_ur = "typo"\n', "invalid Strata settings (ledger_ur: Extra inputs are not permitted); check strata.toml"),
-    ("dvc_remote = 5\n", "invalid Strata settings (dvc_remote: Input should be a valid string); check strata.toml"),
-], ids=["not-toml", "unknown-key", "wrong-type"])
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ledger_url = [unclosed\n", "strata.toml is not valid TOML"),
+        (
+            'ledger_ur = "typo"\n',
+            "invalid Strata settings (ledger_ur: Extra inputs are not permitted); check strata.toml",
+        ),
+        ("dvc_remote = 5\n", "invalid Strata settings (dvc_remote: Input should be a valid string); check strata.toml"),
+    ],
+    ids=["not-toml", "unknown-key", "wrong-type"],
+)
 def test_malformed_strata_toml_is_named_and_nothing_is_ingested(workspace, tmp_path, text, message):
     settings = workspace[0]
     batch = image_tree(tmp_path / "new", {"elk": 2, "gnu": 2})
@@ -307,8 +358,9 @@ def test_malformed_strata_toml_is_named_and_nothing_is_ingested(workspace, tmp_p
     settings_file.write_text(text)
     try:
         before = store_snapshot(settings)
-        result = CliRunner().invoke(app, ["ingest", str(batch), "--learner", "pets", "--workspace",
-                                          str(settings.workspace)])
+        result = CliRunner().invoke(
+            app, ["ingest", str(batch), "--learner", "pets", "--workspace", str(settings.workspace)]
+        )
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
         assert store_snapshot(settings) == before
     finally:
@@ -321,15 +373,29 @@ def test_unknown_cli_option_is_refused_by_the_console_script_before_it_acts(work
     settings = workspace[0]
     batch = image_tree(tmp_path / "new", {"elk": 2, "gnu": 2})
     before = store_snapshot(settings)
-    result = subprocess.run([str(Path(sys.executable).with_name("strata")), "ingest", str(batch), "--learner", "pets",
-                             "--workspace", str(settings.workspace), "--frobnicate"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("strata")),
+            "ingest",
+            str(batch),
+            "--learner",
+            "pets",
+            "--workspace",
+            str(settings.workspace),
+            "--frobnicate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "No such option: --frobnicate" in result.stderr and "strata ingest --help" in result.stderr
     assert store_snapshot(settings) == before
 
 
 # -- learner: weights and saved states --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def learned(workspace, tmp_path_factory):
@@ -343,8 +409,10 @@ def learned(workspace, tmp_path_factory):
     first = ingest(settings, image_tree(root / "first", {"ant": 3, "bee": 3}), "zoo")
     ingest(settings, image_tree(root / "second", {"cow": 3, "elk": 3}), "zoo")
     method = create_method("simplecil", build_backbone("tiny"))
-    method.learn(stream_from_batches("zoo", [materialise(settings, first.batch_id)]).tasks[0],
-                 Engine("cpu", seed=0, show_progress=False))
+    method.learn(
+        stream_from_batches("zoo", [materialise(settings, first.batch_id)]).tasks[0],
+        Engine("cpu", seed=0, show_progress=False),
+    )
     state = method.save_state(settings.state_dir / "increments" / "zoo" / "task-000" / "state")
     db = make_engine(settings.ledger_url)
     with ledger_session(db) as session:
@@ -384,26 +452,51 @@ def _pickled_state(tmp_path: Path, state: Path) -> tuple[dict, bytes]:
     return {}, payload
 
 
-@pytest.mark.parametrize(("make", "error", "message"), [
-    (_wrong_architecture, BackboneError,
-     r"weights file .*wide.safetensors does not fit backbone 'tiny': .*shape mismatch .*; pass weights saved from "
-     r"a 'tiny' model"),
-    (_pickled_weights(".pth"), BackboneError,
-     r"cannot read weights file .*evil.pth: it holds pickled Python objects besides tensors, which Strata never "
-     r"unpickles .*save_file\(model.state_dict\(\), 'vit.safetensors'\)"),
-    (_pickled_weights(".safetensors"), BackboneError,
-     r"cannot read weights file .*evil.safetensors: SafetensorError: .*; it is damaged or not a .safetensors "
-     r"checkpoint. Save the model's plain state dict"),
-    (_state_of_another_method, StateError,
-     r"cannot load the state in .*task-000/state: state was saved by method 'finetune', not 'simplecil'; build a "
-     r"'finetune' method to load it"),
-    (_pickled_state, StateError,
-     r"task-000/state/state.safetensors is not a safetensors file .*: it is damaged or was not written by "
-     r"save_state; restore the state folder"),
-], ids=["wrong-architecture-weights", "pickle-as-pth-weights", "pickle-as-safetensors-weights",
-        "checkpoint-from-another-method", "pickle-as-state-safetensors"])
-def test_learn_refuses_hostile_weights_and_states_and_writes_nothing(workspace, learned, tmp_path, make, error,
-                                                                     message):
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (
+            _wrong_architecture,
+            BackboneError,
+            r"weights file .*wide.safetensors does not fit backbone 'tiny': .*shape mismatch .*; "
+            r"pass weights saved from a 'tiny' model",
+        ),
+        (
+            _pickled_weights(".pth"),
+            BackboneError,
+            r"cannot read weights file .*evil.pth: it holds pickled Python objects besides tensors, which Strata never "
+            r"unpickles .*save_file\(model.state_dict\(\), 'vit.safetensors'\)",
+        ),
+        (
+            _pickled_weights(".safetensors"),
+            BackboneError,
+            r"cannot read weights file .*evil.safetensors: SafetensorError: .*; it is damaged or not a .safetensors "
+            r"checkpoint. Save the model's plain state dict",
+        ),
+        (
+            _state_of_another_method,
+            StateError,
+            r"cannot load the state in .*task-000/state: state was saved by method 'finetune', not 'simplecil'; "
+            r"build a 'finetune' method to load it",
+        ),
+        (
+            _pickled_state,
+            StateError,
+            r"task-000/state/state.safetensors is not a safetensors file .*: it is damaged or was not written by "
+            r"save_state; restore the state folder",
+        ),
+    ],
+    ids=[
+        "wrong-architecture-weights",
+        "pickle-as-pth-weights",
+        "pickle-as-safetensors-weights",
+        "checkpoint-from-another-method",
+        "pickle-as-state-safetensors",
+    ],
+)
+def test_learn_refuses_hostile_weights_and_states_and_writes_nothing(
+    workspace, learned, tmp_path, make, error, message
+):
     """Through the learn flow's body (``learn.fn``: the refusals come before its first Prefect task)."""
     settings = workspace[0]
     state, pristine = learned

@@ -14,15 +14,15 @@ import pytest
 from dvc.repo import Repo
 from PIL import Image
 
-from models.streams import stream_from_batches
-from tasks import ingest as ingest_module
-from tasks.data import DataVersionError, materialise
-from tasks.ingest import IngestError, ingest
-from tasks.ledger import ledger_session, list_data_versions, make_engine
-from tasks.settings import load_settings
-from tasks.validate import BatchRejectedError
-from tasks.versioning import directory_md5, git
-from tasks.workspace import init_workspace
+from strata.models.streams import stream_from_batches
+from strata.tasks.data import ingest as ingest_module
+from strata.tasks.data.ingest import IngestError, ingest
+from strata.tasks.data.materialise import DataVersionError, materialise
+from strata.tasks.data.validate import BatchRejectedError
+from strata.tasks.data.versioning import directory_md5, git
+from strata.tasks.ledger.store import ledger_session, list_data_versions, make_engine
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import init_workspace
 
 _counter = iter(range(10**6))
 
@@ -91,12 +91,11 @@ def test_ingest_versions_pushes_and_reads_back_from_the_remote(settings, tmp_pat
     assert directory_md5(batch) == result.md5
 
 
-def test_materialise_pulls_only_files_that_differ_and_refuses_what_a_pull_leaves_wrong(settings, tmp_path,
-                                                                                       monkeypatch):
+def test_materialise_pulls_only_files_that_differ_and_refuses_what_a_pull_leaves_wrong(settings, tmp_path, monkeypatch):
     result = ingest(settings, image_tree(tmp_path / "batch", {"cat": 3, "dog": 3}), "pets")
     batch = settings.workspace / "data" / "batches" / result.batch_id
     pulls = []
-    monkeypatch.setattr("tasks.data.dvc_pull", lambda workspace, path: pulls.append(path))
+    monkeypatch.setattr("strata.tasks.data.materialise.dvc_pull", lambda workspace, path: pulls.append(path))
     assert materialise(settings, result.batch_id).class_names == ("cat", "dog")
     assert pulls == []  # the files on disk are the ingested version: nothing to pull
 
@@ -128,8 +127,7 @@ def test_identical_batch_is_a_no_op_and_known_classes_are_refused(settings, tmp_
     assert ingest(settings, overlapping, "other-learner").created  # another learner may learn dogs
 
 
-def test_crash_before_the_ledger_row_leaves_no_version_and_the_next_ingest_recovers(settings, tmp_path,
-                                                                                     monkeypatch):
+def test_crash_before_the_ledger_row_leaves_no_version_and_the_next_ingest_recovers(settings, tmp_path, monkeypatch):
     source = image_tree(tmp_path / "batch", {"cat": 3, "dog": 3})
 
     def crash(*args, **kwargs):
@@ -162,8 +160,12 @@ def test_event_is_sent_only_to_a_configured_prefect_api(settings, tmp_path, monk
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         result = ingest(settings, image_tree(tmp_path / "b", {"fox": 2, "owl": 2}), "pets")
     assert sent[0]["event"] == "strata.batch.ingested"
-    assert sent[0]["payload"] == {"learner": "pets", "batch_id": result.batch_id, "md5": result.md5,
-                                  "classes": ["fox", "owl"]}
+    assert sent[0]["payload"] == {
+        "learner": "pets",
+        "batch_id": result.batch_id,
+        "md5": result.md5,
+        "classes": ["fox", "owl"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -233,20 +235,35 @@ def _zip_with_absolute_path(root: Path) -> Path:
     return archive
 
 
-@pytest.mark.parametrize(("make", "problem"), [
-    (_corrupt, "does not decode as an image"),
-    (_not_an_image, "notes.jpg: does not decode"),
-    (_empty, "holds no images"),
-    (_bad_class, "class name 'rm -rf;\\*' is not safe"),
-    (_symlink, "link.png is a symbolic link"),
-    (_duplicates, "identical images: cat/0.png, dog/copy.png"),
-    (_too_few, "class 'dog' has 1 images"),
-    (_bomb, "20001x1 pixels is over the size limit"),
-    (_tar_with("../escape.png"), "escapes its folder"),
-    (_tar_with("/abs/escape.png"), "absolute path"),
-    (_zip_with_absolute_path, "absolute path"),
-], ids=["corrupt", "not-an-image", "empty", "bad-class-name", "symlink", "duplicates", "too-few", "bomb",
-        "tar-dotdot", "tar-absolute", "zip-absolute"])
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_corrupt, "does not decode as an image"),
+        (_not_an_image, "notes.jpg: does not decode"),
+        (_empty, "holds no images"),
+        (_bad_class, "class name 'rm -rf;\\*' is not safe"),
+        (_symlink, "link.png is a symbolic link"),
+        (_duplicates, "identical images: cat/0.png, dog/copy.png"),
+        (_too_few, "class 'dog' has 1 images"),
+        (_bomb, "20001x1 pixels is over the size limit"),
+        (_tar_with("../escape.png"), "escapes its folder"),
+        (_tar_with("/abs/escape.png"), "absolute path"),
+        (_zip_with_absolute_path, "absolute path"),
+    ],
+    ids=[
+        "corrupt",
+        "not-an-image",
+        "empty",
+        "bad-class-name",
+        "symlink",
+        "duplicates",
+        "too-few",
+        "bomb",
+        "tar-dotdot",
+        "tar-absolute",
+        "zip-absolute",
+    ],
+)
 def test_bad_batches_are_rejected_whole_with_nothing_written(shared_workspace, tmp_path, make, problem):
     settings = shared_workspace
     head = git(settings.workspace, "rev-parse", "HEAD")

@@ -17,15 +17,15 @@ import pytest
 from mlflow import MlflowClient
 from sqlalchemy import select
 
-from flows.learn import LearnParams, learn
-from tasks.increments import increments
-from tasks.ingest import BATCHES, ingest
-from tasks.ledger import DataVersion, Lease, find_learner, ledger_session
-from tasks.migrate import migrated_engine
-from tasks.registry import CHAMPION, GateConfig
-from tasks.settings import load_settings
-from tasks.versioning import dvc_repo, git
-from tasks.workspace import init_workspace
+from strata.flows.learn import LearnParams, learn
+from strata.tasks.data.ingest import BATCHES, ingest
+from strata.tasks.data.versioning import dvc_repo, git
+from strata.tasks.ledger.increments import increments
+from strata.tasks.ledger.migrate import migrated_engine
+from strata.tasks.ledger.store import DataVersion, Lease, find_learner, ledger_session
+from strata.tasks.tracking.promotion import CHAMPION, GateConfig
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import init_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLPOINT = [sys.executable, str(ROOT / "tests" / "killpoint.py")]
@@ -36,8 +36,9 @@ APER = {"train": {"epochs": 2}}
 def _killed(target: str, when: str, args: list[str], cwd: Path, **env: str) -> None:
     """Run ``strata ARGS`` in ``cwd`` and check that it died of SIGKILL at ``target``."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    done = subprocess.run([*KILLPOINT, target, when, "--", *args], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [*KILLPOINT, target, when, "--", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == -signal.SIGKILL, f"not killed at {target}:\n{done.stdout}\n{done.stderr}"
 
 
@@ -58,8 +59,12 @@ def _ledger(settings, learner: str):
 def test_ingest_killed_after_each_step_is_completed_by_the_next_ingest(tmp_path, digit_batches, step):
     init_workspace(tmp_path / "ws")
     settings = load_settings(tmp_path / "ws")
-    _killed(f"tasks.ingest:{step}", "return", ["ingest", str(digit_batches[0]), "--learner", "digits"],
-            settings.workspace)
+    _killed(
+        f"strata.tasks.data.ingest:{step}",
+        "return",
+        ["ingest", str(digit_batches[0]), "--learner", "digits"],
+        settings.workspace,
+    )
     assert _ledger(settings, "digits")[0] == []  # the ledger row is the last step: no version yet
 
     result = ingest(settings, digit_batches[0], "digits")
@@ -89,7 +94,8 @@ def _champion(client: MlflowClient) -> str | None:
 
 
 def test_learn_killed_in_training_logging_and_registration_is_completed_by_the_next_learn(
-        tmp_path, prefect_server, digit_batches):
+    tmp_path, prefect_server, digit_batches
+):
     """One learner, three tasks, one kill each: during training (end of the first epoch), during MLflow
     logging (before the state artifacts) and right after the version was registered."""
     from prefect.settings import PREFECT_API_URL
@@ -97,10 +103,22 @@ def test_learn_killed_in_training_logging_and_registration_is_completed_by_the_n
     init_workspace(tmp_path / "ws")
     settings = load_settings(tmp_path / "ws")
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-    learn_args = ["learn", "--learner", "digits", "--method", "aper_ssf", "--config", '{"train": {"epochs": 2}}',
-                  "--budget", "1.0"]
-    kills = [("tasks.artifacts:TrainingProgress.__call__", "call"), ("mlflow:log_artifacts", "call"),
-             ("tasks.tracking:log_and_register", "return")]
+    learn_args = [
+        "learn",
+        "--learner",
+        "digits",
+        "--method",
+        "aper_ssf",
+        "--config",
+        '{"train": {"epochs": 2}}',
+        "--budget",
+        "1.0",
+    ]
+    kills = [
+        ("strata.tasks.orchestration.artifacts:TrainingProgress.__call__", "call"),
+        ("mlflow:log_artifacts", "call"),
+        ("strata.tasks.tracking.runs:log_and_register", "return"),
+    ]
     for task_index, (target, when) in enumerate(kills):
         ingest(settings, digit_batches[task_index], "digits")
         champion = _champion(client)
@@ -111,12 +129,17 @@ def test_learn_killed_in_training_logging_and_registration_is_completed_by_the_n
         assert rows[-1] == (task_index, "running"), target  # no one lived to mark it failed
         assert len(leases) == 1  # the dead run's lease, taken over below without waiting for its expiry
         assert _champion(client) == champion, target
-        killed_runs = {r.info.run_id for r in client.search_runs(
-            [client.get_experiment_by_name("strata/digits").experiment_id], "attributes.status = 'RUNNING'")}
+        killed_runs = {
+            r.info.run_id
+            for r in client.search_runs(
+                [client.get_experiment_by_name("strata/digits").experiment_id], "attributes.status = 'RUNNING'"
+            )
+        }
         assert killed_runs, target
 
-        result = learn(LearnParams(learner="digits", workspace=str(settings.workspace), show_progress=False,
-                                   gate=LENIENT))
+        result = learn(
+            LearnParams(learner="digits", workspace=str(settings.workspace), show_progress=False, gate=LENIENT)
+        )
 
         assert [item["promoted"] for item in result["learned"]] == [True], target
         _, rows, leases = _ledger(settings, "digits")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.methods import StateError, UnknownMethodError, create_method, method_config
-from models.pet.attach import Attachment, attached
-from models.pet.lae_pets import KVLoRA, build_pet
-from models.pet.prefix import PrefixAttention
+from strata.models.methods import StateError, UnknownMethodError, create_method, method_config
+from strata.models.pet.attach import Attachment, attached
+from strata.models.pet.lae_pets import KVLoRA, build_pet
+from strata.models.pet.prefix import PrefixAttention
 
 VARIANTS = ["lae_adapter", "lae_lora", "lae_prefix"]
 FAST = {"train": {"batch_size": 6, "epochs": 1}}  # synthetic tasks hold 18 images
@@ -54,8 +54,8 @@ def test_lora_changes_only_key_and_value_rows(tiny_backbone_factory):
     attachment.detach()
     D = backbone.embed_dim
     assert torch.equal(delta[..., :D], torch.zeros_like(delta[..., :D]))  # Q untouched, exactly
-    assert delta[..., D:2 * D].abs().max() > 0
-    assert delta[..., 2 * D:].abs().max() > 0
+    assert delta[..., D : 2 * D].abs().max() > 0
+    assert delta[..., 2 * D :].abs().max() > 0
     torch.testing.assert_close(qkv(x), before, rtol=0, atol=0)  # detached again
 
 
@@ -79,7 +79,7 @@ def test_prefix_tokens_init_uniform_small():
 
 @pytest.fixture(scope="module")
 def vit_b():
-    from models.backbones import build_backbone
+    from strata.models.backbones import build_backbone
 
     return build_backbone("vit_base_patch16_224.augreg_in21k", pretrained=False)
 
@@ -111,8 +111,7 @@ def test_offline_copy_at_task_1_and_ema_update(tiny_backbone_factory, synthetic_
 
 
 def test_freeze_schedule_and_old_heads_fixed(tiny_backbone_factory, synthetic_stream, engine):
-    method = _method(tiny_backbone_factory(), "lae_adapter",
-                     train={"batch_size": 6, "epochs": 2}, freeze_epochs=1)
+    method = _method(tiny_backbone_factory(), "lae_adapter", train={"batch_size": 6, "epochs": 2}, freeze_epochs=1)
     seen = []
     original = method.on_epoch_start
 
@@ -152,7 +151,7 @@ def test_ensemble_is_max_of_softmaxes(tiny_backbone_factory, synthetic_stream):
     on = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]])
     off = torch.tensor([[0.0, 0.0, 5.0, 0.0], [0.0, 2.9, 0.0, 0.0]])
     method.logits = lambda features: features
-    method.expert_features = lambda pixels, experts: [on, off][:len(experts)]
+    method.expert_features = lambda pixels, experts: [on, off][: len(experts)]
     _begin(method, synthetic_stream, 1)
     torch.testing.assert_close(method(torch.zeros(2)), on.softmax(1))  # task 0: online only
     _begin(method, list(synthetic_stream)[1:], 1)
@@ -210,8 +209,9 @@ def test_onnx_export_holds_both_experts_and_the_max(tmp_path, tiny_backbone_fact
     with torch.no_grad():
         expected = method.eval()(x)
     path = tmp_path / "lae.onnx"
-    torch.onnx.export(method.export_module(), (x,), str(path), dynamo=True, dynamic_shapes=({0: "batch"},),
-                      opset_version=18)
+    torch.onnx.export(
+        method.export_module(), (x,), str(path), dynamo=True, dynamic_shapes=({0: "batch"},), opset_version=18
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x[:2].numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected[:2], rtol=1e-4, atol=1e-4)

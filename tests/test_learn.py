@@ -9,16 +9,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.learn import LearnParams, learn
-from flows.manage import promote, rollback, status
-from models.methods.base import Method
-from tasks import increments as increments_module
-from tasks.ingest import ingest
-from tasks.ledger import LeaseHeldError, acquire_lease, find_learner, ledger_session
-from tasks.migrate import migrated_engine
-from tasks.registry import GateConfig
-from tasks.settings import load_settings
-from tasks.workspace import init_workspace
+from strata.flows.learn import LearnParams, learn
+from strata.models.methods.base import Method
+from strata.tasks.data.ingest import ingest
+from strata.tasks.ledger import increments as increments_module
+from strata.tasks.ledger.migrate import migrated_engine
+from strata.tasks.ledger.store import LeaseHeldError, acquire_lease, find_learner, ledger_session
+from strata.tasks.tracking.champion import promote, rollback, status
+from strata.tasks.tracking.promotion import GateConfig
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import init_workspace
 
 LENIENT = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
 
@@ -48,8 +48,10 @@ def _ledger(settings):
     with ledger_session(engine) as session:
         learner = find_learner(session, "digits")
         rows = [(i.task_index, i.status, i.model_version) for i in increments_module.increments(session, learner)]
-        classes = sorted((c.class_id, c.name, c.first_task) for c in session.scalars(
-            __import__("sqlalchemy").select(increments_module.LearnedClass)))
+        classes = sorted(
+            (c.class_id, c.name, c.first_task)
+            for c in session.scalars(__import__("sqlalchemy").select(increments_module.LearnedClass))
+        )
     engine.dispose()
     return rows, classes
 
@@ -160,14 +162,15 @@ def digit_batch_id(settings, index):
     return batch
 
 
-def test_crash_after_registration_leaves_one_version_per_increment(tmp_path, prefect_server, digit_batches,
-                                                                   monkeypatch):
+def test_crash_after_registration_leaves_one_version_per_increment(
+    tmp_path, prefect_server, digit_batches, monkeypatch
+):
     settings = _workspace(tmp_path, digit_batches[:1])
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the ledger commit")
 
-    monkeypatch.setattr("flows.learn.finish_increment", crash)
+    monkeypatch.setattr("strata.flows.learn.finish_increment", crash)
     with pytest.raises(RuntimeError, match="before the ledger commit"):
         _learn(settings, gate=LENIENT)
     assert _versions(settings) == [1]  # registered, never recorded
@@ -211,9 +214,25 @@ def mlflow_server(request, tmp_path):
             backend = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-             str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(tmp_path / "server-artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -232,8 +251,7 @@ def mlflow_server(request, tmp_path):
             process.wait(timeout=30)
 
 
-def test_learn_through_a_real_mlflow_server(tmp_path, prefect_server, digit_batches, mlflow_server, monkeypatch,
-                                            capfd):
+def test_learn_through_a_real_mlflow_server(tmp_path, prefect_server, digit_batches, mlflow_server, monkeypatch, capfd):
     """Strata against a tracking server, with credentials in its URL that no output, artifact or run may show."""
     from prefect import get_client
 
@@ -245,8 +263,11 @@ def test_learn_through_a_real_mlflow_server(tmp_path, prefect_server, digit_batc
     _learn(settings, gate=LENIENT)
     client = MlflowClient(mlflow_server, mlflow_server)
     assert str(client.get_model_version_by_alias("strata-digits", "champion").version) == "1"
-    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("strata/digits").experiment_id])
-                if "mlflow.parentRunId" in r.data.tags]
+    (child,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("strata/digits").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
     assert {"metrics.json", "state"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     assert client.get_metric_history(child.info.run_id, "accuracy")[0].step == 0
     assert "s3cret-pw" not in repr((child.data.params, child.data.tags))
@@ -271,12 +292,11 @@ def test_a_training_method_learns_several_increments_in_one_process(tmp_path, pr
 def test_export_a_registered_version_and_serve_the_champion(tmp_path, prefect_server, digit_batches):
     import mlflow
 
-    from flows.export import ExportParams, export, registry_source
+    from strata.flows.export import ExportParams, export, registry_source
 
     settings = _workspace(tmp_path, digit_batches[:2])
     _learn(settings, gate=GateConfig(old_accuracy_budget=0.0))  # champion stays v1, candidate v2
-    report = export(ExportParams(learner="digits", workspace=str(settings.workspace),
-                                 triton=str(tmp_path / "triton")))
+    report = export(ExportParams(learner="digits", workspace=str(settings.workspace), triton=str(tmp_path / "triton")))
     assert report["version"] == "1" and report["parity"]["max_abs_diff"] <= 1e-4
     folder = Path(report["directory"])
     assert {"model.onnx", "labels.json", "model.json"} <= {p.name for p in folder.iterdir()}
@@ -297,17 +317,21 @@ def test_export_a_registered_version_and_serve_the_champion(tmp_path, prefect_se
         export(ExportParams(learner="digits", version="7", workspace=str(settings.workspace)))
 
 
-def test_an_increment_trains_on_two_processes_and_the_flow_goes_on_from_their_state(tmp_path, prefect_server,
-                                                                                      digit_batches):
+def test_an_increment_trains_on_two_processes_and_the_flow_goes_on_from_their_state(
+    tmp_path, prefect_server, digit_batches
+):
     settings = _workspace(tmp_path, digit_batches[:2])
-    result = _learn(settings, gate=LENIENT, method="finetune_head", processes=2,
-                    config={"train": {"epochs": 1, "batch_size": 16}})
+    result = _learn(
+        settings, gate=LENIENT, method="finetune_head", processes=2, config={"train": {"epochs": 1, "batch_size": 16}}
+    )
     assert len(result["learned"]) == 2
     rows, _ = _ledger(settings)
     assert rows == [(0, "succeeded", "1"), (1, "succeeded", "2")]
     from safetensors.torch import load_file
 
-    first, second = (load_file(str(settings.state_dir / "increments" / "digits" / f"task-{t:03d}" / "state" /
-                                   "state.safetensors")) for t in (0, 1))
+    first, second = (
+        load_file(str(settings.state_dir / "increments" / "digits" / f"task-{t:03d}" / "state" / "state.safetensors"))
+        for t in (0, 1)
+    )
     shared = sorted(set(first) & set(second))
     assert shared and any(not torch.equal(first[k], second[k]) for k in shared), "task 1 changed nothing"

@@ -14,8 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
-from tasks import migrate
-from tasks.ledger import (
+from strata.tasks.ledger import migrate
+from strata.tasks.ledger.store import (
     Base,
     LeaseHeldError,
     acquire_lease,
@@ -91,8 +91,9 @@ def test_orm_metadata_matches_the_migrated_schema(ledger_url):
     engine = make_engine(ledger_url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True,
-                                                                  "version_table": migrate.VERSION_TABLE})
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "version_table": migrate.VERSION_TABLE}
+            )
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()

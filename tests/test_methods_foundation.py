@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.heads import class_means
-from models.methods import StateError, UnknownMethodError, available_methods, create_method, method_config
+from strata.models.heads import class_means
+from strata.models.methods import StateError, UnknownMethodError, available_methods, create_method, method_config
 
 
 def test_registry_lists_valid_names_on_unknown():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models import metrics as M
+from strata.models import metrics as M
 
 # After task 0: 0.9 on task 0. After task 1: 0.6 on task 0, 0.8 on task 1.
 # After task 2: 0.5, 0.7, 0.9. Test sizes 10, 30, 20.

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backbones import build_backbone
-from models.engine import Engine, schedule_factor
-from models.evaluation import evaluate
-from models.methods import create_method, method_config
-from models.methods.ovor import OUTLIER_LABEL, mask_old_classes
-from models.ood import OutlierConfig, VORLossConfig, kth_neighbour_distance, synthesize_outliers, vor_loss
-from models.pet.oneprompt import OnePrompt
-from models.pet.prefix import PrefixAttention
+from strata.models.backbones import build_backbone
+from strata.models.engine import Engine, schedule_factor
+from strata.models.evaluation import evaluate
+from strata.models.methods import create_method, method_config
+from strata.models.methods.ovor import OUTLIER_LABEL, mask_old_classes
+from strata.models.ood import OutlierConfig, VORLossConfig, kth_neighbour_distance, synthesize_outliers, vor_loss
+from strata.models.pet.oneprompt import OnePrompt
+from strata.models.pet.prefix import PrefixAttention
 
 SMALL = {"train": {"epochs": 2, "batch_size": 8}, "vor_epochs": 1, "outliers": {"num_per_class": 4}}
 
@@ -109,7 +109,7 @@ def test_outliers_are_deterministic_and_the_highest_distance_candidates(mode):
     torch.testing.assert_close(_brute_force_kth(first, bank, 5), _brute_force_kth(expected, bank, 5))
     assert torch.cdist(first, expected).min(dim=1).values.max() < 1e-5  # the same vectors
     if mode == "released":  # around the origin, unnormalised: the boundary points are unused
-        assert first.norm(dim=1).max() < 0.1 * 16 ** 0.5 * 3
+        assert first.norm(dim=1).max() < 0.1 * 16**0.5 * 3
 
 
 def test_kth_neighbour_distance_matches_brute_force_and_clips_k():
@@ -174,8 +174,9 @@ def test_state_round_trip_and_onnx_export(tmp_path, tiny_backbone_factory, synth
     torch.testing.assert_close(restored.eval()(x), expected, rtol=0, atol=0)
 
     path = tmp_path / "ovor.onnx"
-    torch.onnx.export(method.export_module(), (x,), str(path), dynamo=True, dynamic_shapes=({0: "batch"},),
-                      opset_version=18)
+    torch.onnx.export(
+        method.export_module(), (x,), str(path), dynamo=True, dynamic_shapes=({0: "batch"},), opset_version=18
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)

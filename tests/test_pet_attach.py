@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.pet.attach import Attachment, adapted_blocks
-from models.pet.prefix import PrefixAttention, attach_prefix
+from strata.models.pet.attach import Attachment, adapted_blocks
+from strata.models.pet.prefix import PrefixAttention, attach_prefix
 
 
 class FixedPrefix(nn.Module):
@@ -27,12 +27,12 @@ def _attention_reference(attn, x, prefix_k, prefix_v, start, compensate):
     pv = prefix_v.reshape(B, -1, H, hd).transpose(1, 2)
     k = torch.cat([k[:, :, :start], pk, k[:, :, start:]], 2)
     v = torch.cat([v[:, :, :start], pv, v[:, :, start:]], 2)
-    a = (q @ k.transpose(-2, -1) * hd ** -0.5).softmax(-1)
+    a = (q @ k.transpose(-2, -1) * hd**-0.5).softmax(-1)
     L = pk.shape[2]
     if compensate:
-        lam = a[..., start:start + L].sum(-1, keepdim=True)
+        lam = a[..., start : start + L].sum(-1, keepdim=True)
         a = a.clone()
-        a[..., start:start + L] /= lam
+        a[..., start : start + L] /= lam
     return attn.proj((a @ v).transpose(1, 2).reshape(B, N, D)), a
 
 
@@ -46,7 +46,7 @@ def test_prefix_attention_matches_reference(tiny_backbone_factory, position, sta
     expected, weights = _attention_reference(attn, x, *prefix(2), start, compensate)
     got = PrefixAttention(attn, prefix, position, compensate)(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    prefix_mass = weights[..., start:start + 3].sum(-1)
+    prefix_mass = weights[..., start : start + 3].sum(-1)
     rest = weights.sum(-1) - prefix_mass
     if compensate:
         torch.testing.assert_close(prefix_mass, torch.ones_like(prefix_mass))  # prefix sums to 1

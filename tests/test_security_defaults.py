@@ -16,9 +16,21 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("flows", "tasks", "models", "benchmarks")
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
-UNSAFE_CALLS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads", "joblib.load",
-                "pandas.read_pickle", "yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load",
-                "yaml.full_load_all", "eval", "exec"}
+UNSAFE_CALLS = {
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "_pickle.load",
+    "_pickle.loads",
+    "joblib.load",
+    "pandas.read_pickle",
+    "yaml.unsafe_load",
+    "yaml.unsafe_load_all",
+    "yaml.full_load",
+    "yaml.full_load_all",
+    "eval",
+    "exec",
+}
 UNSAFE_MODULES = {"cloudpickle", "dill", "shelve"}
 SERVER = re.compile(r"\b(mlflow server|mlflow ui|prefect server start|strata serve)(?![-\w])")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -34,8 +46,9 @@ class UnsafeLoads(ast.NodeVisitor):
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
             self._check_module(node, alias.name)
-            self.names[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
-                alias.name.split(".")[0]
+            self.names[alias.asname or alias.name.split(".")[0]] = (
+                alias.name if alias.asname else alias.name.split(".")[0]
+            )
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         self._check_module(node, node.module or "")
@@ -93,22 +106,25 @@ def python_files() -> list[Path]:
     return sorted(p for folder in CODE for p in (ROOT / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize(("snippet", "line", "problem"), [
-    ("import pickle\n\npickle.loads(data)", 3, "pickle.loads()"),
-    ("from pickle import load as read\nread(handle)", 2, "pickle.load()"),
-    ("import pickle\nclass Loader(pickle.Unpickler):\n    pass", 2, "Loader unpickles without restricting"),
-    ("import torch\ntorch.load(path)", 2, "torch.load() without weights_only=True"),
-    ("from torch import load\nload(path, weights_only=False)", 2, "torch.load() without weights_only=True"),
-    ("import numpy as np\nnp.load(path, allow_pickle=True)", 2, "numpy.load() with allow_pickle"),
-    ("import yaml\nyaml.load(text)", 2, "yaml.load() without a SafeLoader"),
-    ("import yaml\nyaml.load(text, yaml.Loader)", 2, "yaml.load() without a SafeLoader"),
-    ("import yaml\nyaml.unsafe_load(text)", 2, "yaml.unsafe_load()"),
-    ("import joblib\njoblib.load(path)", 2, "joblib.load()"),
-    ("import cloudpickle", 1, "imports cloudpickle"),
-    ("from dill import loads", 1, "imports dill"),
-    ("eval(text)", 1, "eval()"),
-    ("def f(code):\n    exec(code)", 2, "exec()"),
-])
+@pytest.mark.parametrize(
+    ("snippet", "line", "problem"),
+    [
+        ("import pickle\n\npickle.loads(data)", 3, "pickle.loads()"),
+        ("from pickle import load as read\nread(handle)", 2, "pickle.load()"),
+        ("import pickle\nclass Loader(pickle.Unpickler):\n    pass", 2, "Loader unpickles without restricting"),
+        ("import torch\ntorch.load(path)", 2, "torch.load() without weights_only=True"),
+        ("from torch import load\nload(path, weights_only=False)", 2, "torch.load() without weights_only=True"),
+        ("import numpy as np\nnp.load(path, allow_pickle=True)", 2, "numpy.load() with allow_pickle"),
+        ("import yaml\nyaml.load(text)", 2, "yaml.load() without a SafeLoader"),
+        ("import yaml\nyaml.load(text, yaml.Loader)", 2, "yaml.load() without a SafeLoader"),
+        ("import yaml\nyaml.unsafe_load(text)", 2, "yaml.unsafe_load()"),
+        ("import joblib\njoblib.load(path)", 2, "joblib.load()"),
+        ("import cloudpickle", 1, "imports cloudpickle"),
+        ("from dill import loads", 1, "imports dill"),
+        ("eval(text)", 1, "eval()"),
+        ("def f(code):\n    exec(code)", 2, "exec()"),
+    ],
+)
 def test_the_scanner_reports_each_unsafe_load_with_its_line(snippet, line, problem):
     found = unsafe_loads(snippet, "x.py")
     assert len(found) == 1 and found[0].startswith(f"x.py:{line}: {problem}"), found
@@ -177,26 +193,37 @@ def code_strings(source: str) -> list[str]:
         if isinstance(node, ast.JoinedStr):
             parts.update(id(v) for v in node.values)
             strings.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
-    strings += [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
-                and isinstance(node.value, str) and id(node) not in parts]
+    strings += [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts
+    ]
     return strings
 
 
-@pytest.mark.parametrize(("markdown", "problem"), [
-    ("```bash\nmlflow server --backend-store-uri sqlite:///m.db \\\n    --port 5000\n```", "lacks --host 127.0.0.1"),
-    ("```\nprefect server start &   # the UI\n```", "lacks --host 127.0.0.1"),
-    ("Run `mlflow ui --host 0.0.0.0` to share it.", "lacks --host 127.0.0.1"),
-    ("```\nstrata serve --model-dir x --host 0.0.0.0\n```", "binds 0.0.0.0 without STRATA_SERVE_API_KEY"),
-])
+@pytest.mark.parametrize(
+    ("markdown", "problem"),
+    [
+        (
+            "```bash\nmlflow server --backend-store-uri sqlite:///m.db \\\n    --port 5000\n```",
+            "lacks --host 127.0.0.1",
+        ),
+        ("```\nprefect server start &   # the UI\n```", "lacks --host 127.0.0.1"),
+        ("Run `mlflow ui --host 0.0.0.0` to share it.", "lacks --host 127.0.0.1"),
+        ("```\nstrata serve --model-dir x --host 0.0.0.0\n```", "binds 0.0.0.0 without STRATA_SERVE_API_KEY"),
+    ],
+)
 def test_the_docs_scanner_reports_a_public_or_unpinned_bind(markdown, problem):
     found = unsafe_binds(server_commands(markdown))
     assert len(found) == 1 and problem in found[0], found
 
 
 def test_the_docs_scanner_accepts_loopback_and_keyed_binds():
-    markdown = ("```\nprefect server start --host 127.0.0.1   # then open http://127.0.0.1:4200\n"
-                "STRATA_SERVE_API_KEY=k strata serve --learner pets --host 0.0.0.0\nstrata serve-flows\n```\n"
-                "`mlflow server` on PostgreSQL; `strata serve --learner pets` follows the alias.")
+    markdown = (
+        "```\nprefect server start --host 127.0.0.1   # then open http://127.0.0.1:4200\n"
+        "STRATA_SERVE_API_KEY=k strata serve --learner pets --host 0.0.0.0\nstrata serve-flows\n```\n"
+        "`mlflow server` on PostgreSQL; `strata serve --learner pets` follows the alias."
+    )
     assert len(server_commands(markdown)) == 4
     assert unsafe_binds(server_commands(markdown)) == []
 
@@ -213,11 +240,14 @@ def test_servers_left_to_their_defaults_bind_loopback():
     from mlflow.cli import cli as mlflow_cli
     from prefect.settings.models.server.api import ServerAPISettings
 
-    from flows.cli import app
+    from strata.cli.app import app
 
     strata = typer.main.get_command(app)
     context = click.Context(mlflow_cli)
-    commands = [strata.commands["serve"], mlflow_cli.get_command(context, "server"),
-                mlflow_cli.get_command(context, "ui")]
+    commands = [
+        strata.commands["serve"],
+        mlflow_cli.get_command(context, "server"),
+        mlflow_cli.get_command(context, "ui"),
+    ]
     assert [next(p.default for p in c.params if p.name == "host") for c in commands] == ["127.0.0.1"] * 3
     assert ServerAPISettings.model_fields["host"].default == "127.0.0.1"

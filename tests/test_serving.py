@@ -18,12 +18,12 @@ import torch
 import uvicorn
 from PIL import Image
 
-from models.engine import Engine
-from models.methods import create_method
-from tasks.model_source import ExportDirSource, ModelRef, ModelSourceError
-from tasks.onnx_export import export_method
-from tasks.served_model import load_model
-from tasks.serving import ModelHolder, ServeConfig, ServeError, check_bind, create_app
+from strata.models.engine import Engine
+from strata.models.methods import create_method
+from strata.tasks.export.onnx_graph import export_method
+from strata.tasks.serving.app import ModelHolder, ServeConfig, ServeError, check_bind, create_app
+from strata.tasks.serving.loaded_model import load_model
+from strata.tasks.serving.sources import ExportDirSource, ModelRef, ModelSourceError
 
 KEY = "s3cret-key"
 
@@ -224,9 +224,11 @@ def guarded(exports):
     root, _ = exports
     config = ServeConfig(api_key=KEY, max_upload_bytes=100_000, max_images=3)
     assert KEY not in repr(config)
-    with running(create_app(ExportDirSource(root / "a"), config)) as url, \
-            httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": KEY}) as keyed, \
-            httpx.Client(base_url=url, timeout=30) as anonymous:
+    with (
+        running(create_app(ExportDirSource(root / "a"), config)) as url,
+        httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": KEY}) as keyed,
+        httpx.Client(base_url=url, timeout=30) as anonymous,
+    ):
         assert anonymous.get("/health").status_code == 200  # the one open path
         yield keyed, anonymous
 
@@ -236,27 +238,60 @@ GOOD = {"pixels": _tensor(0)}
 BAD_REQUESTS = {  # what the request is: (client with the key?, request, status, words the answer must hold)
     "missing-api-key": (False, lambda c: c.post("/predict", json=GOOD), 401, "missing API key"),
     "missing-api-key-model": (False, lambda c: c.get("/model"), 401, "X-API-Key"),
-    "wrong-api-key": (False, lambda c: c.post("/predict", json=GOOD, headers={"X-API-Key": "nope"}), 401,
-                      "wrong API key"),
-    "non-image-upload": (True, lambda c: c.post("/predict", files={"files": ("a.txt", b"hello", "text/plain")}), 415,
-                         "not a readable"),
-    "gif-upload": (True, lambda c: c.post("/predict", files={"files": (
-        "a.gif", _png(Image.open(io.BytesIO(TINY_PNG)), "GIF"))}), 415, "send PNG or JPEG"),
+    "wrong-api-key": (
+        False,
+        lambda c: c.post("/predict", json=GOOD, headers={"X-API-Key": "nope"}),
+        401,
+        "wrong API key",
+    ),
+    "non-image-upload": (
+        True,
+        lambda c: c.post("/predict", files={"files": ("a.txt", b"hello", "text/plain")}),
+        415,
+        "not a readable",
+    ),
+    "gif-upload": (
+        True,
+        lambda c: c.post("/predict", files={"files": ("a.gif", _png(Image.open(io.BytesIO(TINY_PNG)), "GIF"))}),
+        415,
+        "send PNG or JPEG",
+    ),
     "form-without-files": (True, lambda c: c.post("/predict", data={"name": "x"}, files={}), 415, "multipart"),
-    "wrong-tensor-shape": (True, lambda c: c.post("/predict", json={"pixels": _tensor(0)[0]}), 422,
-                           "(batch, 3, 32, 32)"),
+    "wrong-tensor-shape": (
+        True,
+        lambda c: c.post("/predict", json={"pixels": _tensor(0)[0]}),
+        422,
+        "(batch, 3, 32, 32)",
+    ),
     "ragged-tensor": (True, lambda c: c.post("/predict", json={"pixels": [[1, 2], [3]]}), 422, "rectangular"),
     "json-without-pixels": (True, lambda c: c.post("/predict", json={"image": 1}), 422, "expected a JSON object"),
-    "malformed-json": (True, lambda c: c.post("/predict", content=b"{not json",
-                                              headers={"content-type": "application/json"}), 400, "malformed JSON"),
-    "oversize-upload": (True, lambda c: c.post("/predict", files={"files": ("big.png", b"\0" * 200_000,
-                                                                            "image/png")}), 413, "limit"),
-    "oversize-streamed-body": (True, lambda c: c.post("/predict", content=iter([b"{" + b" " * 60_000] * 3),
-                                                      headers={"content-type": "application/json"}), 413, "limit"),
-    "too-many-images": (True, lambda c: c.post("/predict", files=[
-        ("files", (f"{i}.png", TINY_PNG, "image/png")) for i in range(4)]), 413, "more than 3 images"),
-    "k-below-one": (True, lambda c: c.post("/predict", json=GOOD, params={"k": 0}), 422,
-                    "greater than or equal to 1"),
+    "malformed-json": (
+        True,
+        lambda c: c.post("/predict", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "malformed JSON",
+    ),
+    "oversize-upload": (
+        True,
+        lambda c: c.post("/predict", files={"files": ("big.png", b"\0" * 200_000, "image/png")}),
+        413,
+        "limit",
+    ),
+    "oversize-streamed-body": (
+        True,
+        lambda c: c.post(
+            "/predict", content=iter([b"{" + b" " * 60_000] * 3), headers={"content-type": "application/json"}
+        ),
+        413,
+        "limit",
+    ),
+    "too-many-images": (
+        True,
+        lambda c: c.post("/predict", files=[("files", (f"{i}.png", TINY_PNG, "image/png")) for i in range(4)]),
+        413,
+        "more than 3 images",
+    ),
+    "k-below-one": (True, lambda c: c.post("/predict", json=GOOD, params={"k": 0}), 422, "greater than or equal to 1"),
 }
 
 
@@ -280,7 +315,7 @@ def test_refuses_a_public_bind_without_an_api_key(exports, monkeypatch):
         check_bind(host, None)
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from strata.cli.app import app
 
     monkeypatch.delenv("STRATA_SERVE_API_KEY", raising=False)
     result = CliRunner().invoke(app, ["serve", "--model-dir", str(exports[0] / "a"), "--host", "0.0.0.0"])

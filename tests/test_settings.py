@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.settings import SettingsError, load_settings
+from strata.tasks.workspace.settings import SettingsError, load_settings
 
 
 def test_embedded_defaults_live_under_dot_strata(tmp_path):
@@ -32,13 +32,16 @@ def test_unknown_key_is_rejected(tmp_path):
         load_settings(tmp_path)
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("postgresql+psycopg://strata:s3cret@db:5432/ledger", "postgresql+psycopg://strata:***@db:5432/ledger"),
-    ("http://ml:p%40ss@mlflow:5000", "http://ml:***@mlflow:5000"),
-    ("http://mlflow:5000", "http://mlflow:5000"),
-    ("sqlite:////work/ws/.strata/mlflow.db", "sqlite:////work/ws/.strata/mlflow.db"),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://strata:s3cret@db:5432/ledger", "postgresql+psycopg://strata:***@db:5432/ledger"),
+        ("http://ml:p%40ss@mlflow:5000", "http://ml:***@mlflow:5000"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("sqlite:////work/ws/.strata/mlflow.db", "sqlite:////work/ws/.strata/mlflow.db"),
+    ],
+)
 def test_store_urls_are_shown_without_their_password(url, shown):
-    from tasks.settings import redact_url
+    from strata.tasks.workspace.settings import redact_url
 
     assert redact_url(url) == shown

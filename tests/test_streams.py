@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.streams import (
+from strata.models.streams import (
     LabelledDataset,
     LabelledImages,
     StreamError,
@@ -12,7 +12,7 @@ from models.streams import (
     stream_from_batches,
     task_sizes,
 )
-from tasks.datasets import read_dataset
+from strata.tasks.data.readers import read_dataset
 
 
 def test_task_sizes_base_and_increment():
@@ -52,7 +52,7 @@ def test_digits_split_is_disjoint_and_complete():
 
 
 def test_stratified_split_puts_each_sample_on_one_side():
-    from tasks.datasets import stratified_split
+    from strata.tasks.data.readers import stratified_split
 
     labels = np.repeat(np.arange(5), 8)
     train, test = stratified_split(list(range(40)), labels, 0.25, seed=3)
@@ -73,8 +73,12 @@ def test_same_seed_same_stream():
 def test_stream_from_batches_refuses_repeated_classes():
     def batch(name, classes):
         images = [np.zeros((4, 4), np.uint8)] * len(classes)
-        return LabelledDataset(name, tuple(classes), LabelledImages(images, range(len(classes))),
-                               LabelledImages(images, range(len(classes))))
+        return LabelledDataset(
+            name,
+            tuple(classes),
+            LabelledImages(images, range(len(classes))),
+            LabelledImages(images, range(len(classes))),
+        )
 
     stream = stream_from_batches("s", [batch("a", ["cat", "dog"]), batch("b", ["owl"])])
     assert [t.class_ids for t in stream] == [(0, 1), (2,)]

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks import migrate
-from tasks.settings import load_settings
-from tasks.versioning import git
-from tasks.workspace import find_workspace, init_workspace
+from strata.cli.app import app
+from strata.tasks.data.versioning import git
+from strata.tasks.ledger import migrate
+from strata.tasks.workspace.settings import load_settings
+from strata.tasks.workspace.setup import find_workspace, init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -100,11 +100,15 @@ def test_dvc_repro_runs_the_root_pipeline(tmp_path, prefect_server):
 
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for name in (".dvc", "flows", "tasks", "models", "migrations"):
+    for name in (".dvc", "cli", "flows", "tasks", "models", "migrations"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
     git(tmp_path, "init", "-q")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(tmp_path),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
     dvc = [sys.executable, "-m", "dvc"]
     result = subprocess.run([*dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -51,18 +51,35 @@ def random_backbones(shape: dict):
         if "_ssf" in name:
             model = vision_transformer_ssf.VisionTransformer(num_classes=0, **shape)
         elif "_vpt" in name:
-            model = vpt.VPT_ViT(Prompt_Token_num=args["prompt_token_num"],
-                                VPT_type="Shallow" if args["vpt_type"] == "shallow" else "Deep", **shape)
+            model = vpt.VPT_ViT(
+                Prompt_Token_num=args["prompt_token_num"],
+                VPT_type="Shallow" if args["vpt_type"] == "shallow" else "Deep",
+                **shape,
+            )
             model.head = nn.Identity()
             model.Freeze()
             model.load_prompt(model.obtain_prompt())
         elif "_adapter" in name:
-            tuning = EasyDict(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
-                              ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=args["ffn_num"],
-                              d_model=shape["embed_dim"], vpt_on=False, vpt_num=0)
+            tuning = EasyDict(
+                ffn_adapt=True,
+                ffn_option="parallel",
+                ffn_adapter_layernorm_option="none",
+                ffn_adapter_init_option="lora",
+                ffn_adapter_scalar="0.1",
+                ffn_num=args["ffn_num"],
+                d_model=shape["embed_dim"],
+                vpt_on=False,
+                vpt_num=0,
+            )
             model = vision_transformer_adapter.VisionTransformer(
-                num_classes=0, global_pool=False, drop_path_rate=0.0, tuning_config=tuning, qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6), **shape)
+                num_classes=0,
+                global_pool=False,
+                drop_path_rate=0.0,
+                tuning_config=tuning,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                **shape,
+            )
             for parameter_name, parameter in model.named_parameters():  # officially: what the checkpoint lacks
                 parameter.requires_grad = "adaptmlp" in parameter_name
         elif name in ("pretrained_vit_b16_224_in21k", "vit_base_patch16_224_in21k"):
@@ -97,6 +114,7 @@ def main() -> None:
     # timm 0.6.12's maxxvit module has a dataclass default that Python 3.11 rejects; nothing here uses it
     sys.modules["timm.models.maxxvit"] = types.ModuleType("timm.models.maxxvit")
     import timm
+
     assert timm.__version__ == "0.6.12", f"the overlay is not in front of sys.path: timm {timm.__version__}"
     import utils.inc_net as inc_net
 
@@ -105,8 +123,13 @@ def main() -> None:
     with open(os.path.join(args.checkout, "exps", experiment)) as file:
         options = json.load(file)
     classes = args.classes_per_task
-    options.update(device=[torch.device("cpu")], init_cls=classes, increment=classes, batch_size=args.batch_size,
-                   tuned_epoch=args.epochs)  # the adaptation's epochs (and its cosine period)
+    options.update(
+        device=[torch.device("cpu")],
+        init_cls=classes,
+        increment=classes,
+        batch_size=args.batch_size,
+        tuned_epoch=args.epochs,
+    )  # the adaptation's epochs (and its cosine period)
     inc_net.get_convnet = random_backbones(shape)
     learner_module = __import__(f"models.{module_name}", fromlist=["Learner"])
     generator = torch.Generator().manual_seed(0)

@@ -72,7 +72,8 @@ def install_shims() -> None:
     sys.meta_path.insert(0, _InertFinder())
     # Scaler.extra_repr formats a 0-d Parameter with ":.4f", which torch 2 refuses for Parameter subclasses.
     torch.nn.Parameter.__format__ = lambda self, spec: (
-        format(self.detach().item(), spec) if self.dim() == 0 else torch.Tensor.__format__(self, spec))
+        format(self.detach().item(), spec) if self.dim() == 0 else torch.Tensor.__format__(self, spec)
+    )
 
 
 def import_official():
@@ -85,6 +86,7 @@ def import_official():
             if klass.__hash__ is None:
                 klass.__hash__ = object.__hash__
             return klass
+
         return wrap if cls is None else wrap(cls)
 
     dataclasses.dataclass = hashable_dataclass
@@ -117,6 +119,7 @@ def main() -> None:
     install_shims()
     lae, DataModuleABC, backbones, vit, build_config = import_official()
     import timm
+
     assert timm.__version__ == "0.5.4", f"the overlay is not in front of sys.path: timm {timm.__version__}"
 
     class SyntheticTasks(DataModuleABC):
@@ -124,8 +127,9 @@ def main() -> None:
 
         def __init__(self, batches):
             self.current_task, self.start_task, self.num_tasks, self.memory = 0, 0, len(batches), None
-            self.scenario_train = types.SimpleNamespace(increments=[args.classes_per_task] * len(batches),
-                                                        nb_tasks=len(batches))
+            self.scenario_train = types.SimpleNamespace(
+                increments=[args.classes_per_task] * len(batches), nb_tasks=len(batches)
+            )
             self.batches = batches
 
         def train_dataloader(self, **_):
@@ -137,11 +141,14 @@ def main() -> None:
     torch.manual_seed(1)  # the official seed
     shape = runtime.CONFIGS[args.backbone]
     # a name starting with "vit" gets the official ViT head (class-token pooling)
-    backbones["vit-strata-benchmark"] = (partial(vit.vit_b16_in21k, pretrained=False) if shape["embed_dim"] == 768
-                                     else partial(vit._create_vision_transformer, "vit_b16_in21k", pretrained=False,
-                                                  **shape))
-    config, _ = build_config(root=Path(args.checkout) / "config", name=PET_CONFIG[args.method], argv=[],
-                             structure=lae.MyConf(), log_dir=None)
+    backbones["vit-strata-benchmark"] = (
+        partial(vit.vit_b16_in21k, pretrained=False)
+        if shape["embed_dim"] == 768
+        else partial(vit._create_vision_transformer, "vit_b16_in21k", pretrained=False, **shape)
+    )
+    config, _ = build_config(
+        root=Path(args.checkout) / "config", name=PET_CONFIG[args.method], argv=[], structure=lae.MyConf(), log_dir=None
+    )
     module_config = config.module
     module_config.model.backbone = "vit-strata-benchmark"
     module_config.adapt_blocks = [block for block in module_config.adapt_blocks if block < shape["depth"]]
@@ -149,8 +156,10 @@ def main() -> None:
     module_config.summary_depth = -1  # no torchinfo summary at each task's set-up
 
     generator = torch.Generator().manual_seed(0)
-    batches = [[(images, labels, torch.full_like(labels, task)) for images, labels in
-                runtime.batches(args, task, generator)] for task in (0, 1)]
+    batches = [
+        [(images, labels, torch.full_like(labels, task)) for images, labels in runtime.batches(args, task, generator)]
+        for task in (0, 1)
+    ]
     data = SyntheticTasks(batches)
     module = lae.MyModule(module_config)
     module.datamodule, module.trainer, module.device = data, PlainTrainer(), torch.device("cpu")
@@ -169,8 +178,10 @@ def main() -> None:
             module.train_epoch(batches[task], len(batches[task]))
 
         # task t: the epochs after the freeze, where the online PET trains and the EMA runs every step
-        figures[key] = {"kind": "train", **runtime.timed_epochs(
-            run_epoch, args, first_epoch=0 if task == 0 else module_config.num_freeze_epochs)}
+        figures[key] = {
+            "kind": "train",
+            **runtime.timed_epochs(run_epoch, args, first_epoch=0 if task == 0 else module_config.num_freeze_epochs),
+        }
     runtime.emit("gqk/LAE", args, method=args.method, adapt_blocks=list(module_config.adapt_blocks), **figures)
 
 

@@ -29,6 +29,7 @@ def main() -> None:
     args = runtime.parser(__doc__.splitlines()[0], ["ovor"]).parse_args()
     runtime.setup(args)
     import timm
+
     assert timm.__version__ == "0.4.12", f"the overlay is not in front of sys.path: timm {timm.__version__}"
     os.chdir(args.checkout)  # run.get_args reads configs/ relative to the working directory
     sys.argv = ["run.py", "--config", "configs/cifar-100_prompt.yaml", "--gpus", "0"]
@@ -40,8 +41,11 @@ def main() -> None:
 
     shape = runtime.CONFIGS[args.backbone]
     width = shape["embed_dim"]
-    vit_options = (dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, ckpt_layer=0,
-                        drop_path_rate=0) if width == 768 else shape)  # ViT-B: what ViTZoo builds
+    vit_options = (
+        dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, ckpt_layer=0, drop_path_rate=0)
+        if width == 768
+        else shape
+    )  # ViT-B: what ViTZoo builds
 
     def random_vit_zoo(out_dim, block_division=None, prompt_flag="None", prompt_param=None):
         """``ViTZoo``'s modules without its weight download, at the benchmark's shape."""
@@ -65,8 +69,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ovor-benchmark-") as log_dir:
         options.logging.log_dir = log_dir  # the official logger writes here, not into the checkout
         torch.manual_seed(0)
-        learner = learners.prompt.OnePrompt(options.tasks * args.classes_per_task, options, Logger(options.logging,
-                                                                                                 seed=1))
+        learner = learners.prompt.OnePrompt(
+            options.tasks * args.classes_per_task, options, Logger(options.logging, seed=1)
+        )
         generator = torch.Generator().manual_seed(0)
         for task, key in ((0, "task_0"), (1, "task_t")):  # Trainer.run + NormalNN.train, minus evaluation
             learner.subset_start, learner.subset_end = task * args.classes_per_task, (task + 1) * args.classes_per_task
@@ -74,12 +79,16 @@ def main() -> None:
                 learner.model.module.prompt.process_task_count()
             learner.init_optimizer()
             learner.model.train()
-            batches = [(images, labels, torch.arange(len(labels)))
-                       for images, labels in runtime.batches(args, task, generator)]
-            figures[key] = {"kind": "train", **runtime.timed_epochs(
-                lambda epoch, batches=batches: learner._train_one_epoch(batches, epoch), args)}
-    runtime.emit("jpmorganchase/ovor", args, method="ovor", learnable_parameters=learner.count_learnable_params(),
-                 **figures)
+            batches = [
+                (images, labels, torch.arange(len(labels))) for images, labels in runtime.batches(args, task, generator)
+            ]
+            figures[key] = {
+                "kind": "train",
+                **runtime.timed_epochs(lambda epoch, batches=batches: learner._train_one_epoch(batches, epoch), args),
+            }
+    runtime.emit(
+        "jpmorganchase/ovor", args, method="ovor", learnable_parameters=learner.count_learnable_params(), **figures
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from torch import nn
 # Strata's backbone names → the ViT each driver builds with random weights (no download).
 CONFIGS = {
     "tiny": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0),
-    "vit_base_patch16_224.augreg_in21k": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                              mlp_ratio=4.0),
+    "vit_base_patch16_224.augreg_in21k": dict(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0
+    ),
 }
 
 
@@ -66,8 +67,9 @@ def batches(args: argparse.Namespace, task: int, generator: torch.Generator) -> 
     """``--steps`` batches of uniform pixels with labels cycling through the task's classes."""
     size, count = CONFIGS[args.backbone]["img_size"], args.classes_per_task
     labels = torch.arange(args.batch_size) % count + task * count
-    return [(torch.rand(args.batch_size, 3, size, size, generator=generator), labels.clone())
-            for _ in range(args.steps)]
+    return [
+        (torch.rand(args.batch_size, 3, size, size, generator=generator), labels.clone()) for _ in range(args.steps)
+    ]
 
 
 def timed_epochs(run_epoch: Callable[[int], object], args: argparse.Namespace, first_epoch: int = 0) -> dict:
@@ -85,7 +87,21 @@ def emit(codebase: str, args: argparse.Namespace, **figures) -> None:
     import timm
 
     commit = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True, text=True)
-    print(json.dumps({"codebase": codebase, "commit": commit.stdout.strip() or None, "timm": timm.__version__,
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "backbone": args.backbone,
-                      "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, **figures}),
-          file=sys.__stdout__, flush=True)
+    print(
+        json.dumps(
+            {
+                "codebase": codebase,
+                "commit": commit.stdout.strip() or None,
+                "timm": timm.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "backbone": args.backbone,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "epochs": args.epochs,
+                **figures,
+            }
+        ),
+        file=sys.__stdout__,
+        flush=True,
+    )

@@ -21,7 +21,7 @@ stop() {  # the worker before the server it reports to, each with its process gr
 trap stop EXIT
 for _ in $(seq 90); do curl -sf "$PREFECT_API_URL/health" >/dev/null && break; sleep 1; done
 
-"$venv/bin/python" -c "from pathlib import Path; from tasks.demo_data import write_digit_batches; \
+"$venv/bin/python" -c "from pathlib import Path; from strata.tasks.data.demo_batches import write_digit_batches; \
 write_digit_batches(Path('$tmp/incoming'))"
 "$venv/bin/strata" init "$tmp/ws" >/dev/null
 cd "$tmp/ws"

@@ -80,8 +80,9 @@ def upgrade() -> None:
         sa.Column("model_version", sa.String(length=64), nullable=True),
         sa.Column("started", sa.DateTime(), nullable=False),
         sa.Column("finished", sa.DateTime(), nullable=True),
-        sa.ForeignKeyConstraint(["data_version_id"], ["data_versions.id"],
-                                name=op.f("fk_increments_data_version_id_data_versions")),
+        sa.ForeignKeyConstraint(
+            ["data_version_id"], ["data_versions.id"], name=op.f("fk_increments_data_version_id_data_versions")
+        ),
         sa.ForeignKeyConstraint(["learner_id"], ["learners.id"], name=op.f("fk_increments_learner_id_learners")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_increments")),
         sa.UniqueConstraint("learner_id", "task_index", name="uq_increments_learner_task"),

@@ -1,8 +1,8 @@
-"""Class-incremental methods, registered by name (see :mod:`models.methods.registry`)."""
+"""Class-incremental methods, registered by name (see :mod:`strata.models.methods.registry`)."""
 
-from models.methods import aper, finetune, lae, ovor, simplecil  # noqa: F401  (registers the methods)
-from models.methods.base import Method, MethodConfig, StateError, read_state_meta
-from models.methods.registry import (
+from strata.models.methods import aper, finetune, lae, ovor, simplecil  # noqa: F401  (registers the methods)
+from strata.models.methods.base import Method, MethodConfig, StateError, read_state_meta
+from strata.models.methods.registry import (
     UnknownMethodError,
     available_methods,
     create_method,
@@ -11,6 +11,13 @@ from models.methods.registry import (
 )
 
 __all__ = [
-    "Method", "MethodConfig", "StateError", "UnknownMethodError", "available_methods", "create_method",
-    "method_config", "method_entry", "read_state_meta",
+    "Method",
+    "MethodConfig",
+    "StateError",
+    "UnknownMethodError",
+    "available_methods",
+    "create_method",
+    "method_config",
+    "method_entry",
+    "read_state_meta",
 ]

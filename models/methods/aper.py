@@ -7,7 +7,7 @@ that head is then discarded. From then on the model is frozen: the feature is
 task 0, only writes the class means of the raw merged features of its training images (test
 transform) into a cosine classifier. The five variants are one class with five configs.
 
-The PTM and the adapted branch share one :class:`~models.backbones.Backbone`: the PET is attached by
+The PTM and the adapted branch share one :class:`~strata.models.backbones.Backbone`: the PET is attached by
 hooks for the adapted forward and detached again, so the frozen weights exist once.
 """
 
@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import Backbone, BackboneError
-from models.engine import Engine, OptimizerConfig, TrainConfig
-from models.heads import CosineClassifier
-from models.methods.base import Method, MethodConfig, tensors_digest
-from models.methods.registry import register_method
-from models.methods.simplecil import add_prototypes
-from models.pet.adaptformer import AdaptFormer
-from models.pet.attach import Attachment, attached
-from models.pet.ssf import SSF
-from models.pet.vpt import VisualPrompts
-from models.streams import Task
+from strata.models.backbones import Backbone, BackboneError
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.heads import CosineClassifier
+from strata.models.methods.base import Method, MethodConfig, tensors_digest
+from strata.models.methods.registry import register_method
+from strata.models.methods.simplecil import add_prototypes
+from strata.models.pet.adaptformer import AdaptFormer
+from strata.models.pet.attach import Attachment, attached
+from strata.models.pet.ssf import SSF
+from strata.models.pet.vpt import VisualPrompts
+from strata.models.streams import Task
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,13 @@ PetKind = Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"]
 
 def sgd_recipe(lr: float, batch_size: int, epochs: int, weight_decay: float = 5e-4) -> TrainConfig:
     """The official task-0 recipe: SGD momentum 0.9, cosine annealing to 0 stepped per epoch."""
-    return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=OptimizerConfig(
-        name="sgd", lr=lr, momentum=0.9, weight_decay=weight_decay, schedule="cosine", min_lr=0.0))
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=OptimizerConfig(
+            name="sgd", lr=lr, momentum=0.9, weight_decay=weight_decay, schedule="cosine", min_lr=0.0
+        ),
+    )
 
 
 class AperConfig(MethodConfig):
@@ -88,8 +93,10 @@ class Aper(Method):
     def __init__(self, name: str, config: AperConfig, backbone: Backbone):
         super().__init__(name, config, backbone)
         if config.embed_dim is not None and config.embed_dim != backbone.embed_dim:
-            raise BackboneError(f"{name} is configured for a {config.embed_dim}-wide backbone, but "
-                                f"{backbone.info.label} is {backbone.embed_dim} wide; pick a matching --backbone")
+            raise BackboneError(
+                f"{name} is configured for a {config.embed_dim}-wide backbone, but "
+                f"{backbone.info.label} is {backbone.embed_dim} wide; pick a matching --backbone"
+            )
         self.pet = build_pet(config, backbone)
         self.head = CosineClassifier(2 * backbone.embed_dim)
         self.train_head: CosineClassifier | None = None  # task 0's CE head; discarded after adaptation
@@ -105,8 +112,15 @@ class Aper(Method):
         losses = self._adapt(task, engine) if task.index == 0 else []
         self.eval()
         transform = self.test_transform()
-        add_prototypes(self.head, self.features, task, transform, engine, self.config.eval_batch_size,
-                       self.feature_cache_key(task, transform, "train"))
+        add_prototypes(
+            self.head,
+            self.features,
+            task,
+            transform,
+            engine,
+            self.config.eval_batch_size,
+            self.feature_cache_key(task, transform, "train"),
+        )
         return losses
 
     def feature_identity(self) -> str:
@@ -115,8 +129,9 @@ class Aper(Method):
 
     def _adapt(self, task: Task, engine: Engine) -> list[float]:
         """Train the PET with CE on a fresh cosine head over task 0's classes, then drop the head."""
-        logger.info("%s: training %s PET parameters (%s) in task 0", self.name, f"{self.pet_parameters:,}",
-                    self.config.pet)
+        logger.info(
+            "%s: training %s PET parameters (%s) in task 0", self.name, f"{self.pet_parameters:,}", self.config.pet
+        )
         self.train_head = CosineClassifier(self.backbone.embed_dim, task.num_new).to(self.device)
         try:
             return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
@@ -153,6 +168,10 @@ _VARIANTS: dict[str, tuple[TrainConfig, str]] = {
 }
 
 for _pet, (_train, _what) in _VARIANTS.items():
-    register_method(f"aper_{_pet}", Aper, partial(AperConfig, pet=_pet, train=_train),
-                    f"APER/ADAM with {_what} adapted in task 0, merged with the frozen PTM; prototype cosine",
-                    aliases=(f"adam_{_pet}",))
+    register_method(
+        f"aper_{_pet}",
+        Aper,
+        partial(AperConfig, pet=_pet, train=_train),
+        f"APER/ADAM with {_what} adapted in task 0, merged with the frozen PTM; prototype cosine",
+        aliases=(f"adam_{_pet}",),
+    )

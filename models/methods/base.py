@@ -1,10 +1,10 @@
 """The interface every class-incremental method implements.
 
-A method is an ``nn.Module`` around a frozen :class:`~models.backbones.Backbone`:
+A method is an ``nn.Module`` around a frozen :class:`~strata.models.backbones.Backbone`:
 
 * ``begin_task(task)`` grows the structure for the task's new classes (heads, LAE's offline PET…);
   the structural part lives in ``prepare_task(index, num_new)`` so a saved state can be replayed;
-* ``fit_task(task, engine)`` learns the task (through the shared :class:`~models.engine.Engine`);
+* ``fit_task(task, engine)`` learns the task (through the shared :class:`~strata.models.engine.Engine`);
 * ``forward(pixels)`` is the inference rule: logits over all classes seen so far;
 * ``save_state``/``load_state`` write and read its own state (safetensors + JSON) without the
   backbone weights, refusing a state made for another method, variant or backbone;
@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.backbones import Backbone, weights_fingerprint
-from models.engine import Engine, TrainConfig, TrainingHooks
-from models.streams import Task
-from models.transforms import TransformConfig, test_transform, train_transform
+from strata.models.backbones import Backbone, weights_fingerprint
+from strata.models.engine import Engine, TrainConfig, TrainingHooks
+from strata.models.streams import Task
+from strata.models.transforms import TransformConfig, test_transform, train_transform
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
@@ -137,8 +137,15 @@ class Method(nn.Module, TrainingHooks):
         data md5, class ids (the cached labels are learning-order ids), feature identity, transform."""
         if not task.data_key:
             return None
-        parts = [task.data_key, split, ",".join(map(str, task.class_ids)), self.feature_identity(), repr(transform),
-                 self.config.transforms.model_dump_json(), str(self.backbone.image_size)]
+        parts = [
+            task.data_key,
+            split,
+            ",".join(map(str, task.class_ids)),
+            self.feature_identity(),
+            repr(transform),
+            self.config.transforms.model_dump_json(),
+            str(self.backbone.image_size),
+        ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def test_transform(self):
@@ -158,8 +165,13 @@ class Method(nn.Module, TrainingHooks):
             "format": STATE_FORMAT,
             "method": self.name,
             "config": self.config.model_dump(mode="json"),
-            "backbone": {"name": info.name, "source": info.source, "embed_dim": info.embed_dim,
-                         "depth": info.depth, "fingerprint": info.fingerprint},
+            "backbone": {
+                "name": info.name,
+                "source": info.source,
+                "embed_dim": info.embed_dim,
+                "depth": info.depth,
+                "fingerprint": info.fingerprint,
+            },
             "task_sizes": self.task_sizes,
             "class_names": self.class_names,
         }
@@ -194,23 +206,29 @@ class Method(nn.Module, TrainingHooks):
         own = self.state_tensors()
         if set(tensors) != set(own):
             missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-            raise StateError(f"state in {directory} does not match {self.name}: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
+            raise StateError(
+                f"state in {directory} does not match {self.name}: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         self.load_state_dict(tensors, strict=False)
 
     def check_compatible(self, meta: dict[str, Any]) -> None:
         if meta.get("method") != self.name:
-            raise StateError(f"state was saved by method {meta.get('method')!r}, not {self.name!r}; build a "
-                             f"{meta.get('method')!r} method to load it")
+            raise StateError(
+                f"state was saved by method {meta.get('method')!r}, not {self.name!r}; build a "
+                f"{meta.get('method')!r} method to load it"
+            )
         saved_config = self.config_class.model_validate(meta["config"])
         if saved_config != self.config:
-            raise StateError(f"state was saved with another {self.name} configuration: "
-                             f"{saved_config.model_dump()} vs {self.config.model_dump()}")
+            raise StateError(
+                f"state was saved with another {self.name} configuration: "
+                f"{saved_config.model_dump()} vs {self.config.model_dump()}"
+            )
         saved, info = meta["backbone"], self.backbone.info
         if (saved["name"], saved["fingerprint"]) != (info.name, info.fingerprint):
             raise StateError(
                 f"state was saved on backbone {saved['name']} (weights {saved['fingerprint']}), "
-                f"but this method runs on {info.name} (weights {info.fingerprint}); load the same weights")
+                f"but this method runs on {info.name} (weights {info.fingerprint}); load the same weights"
+            )
 
 
 def read_state_meta(directory: str | Path) -> dict[str, Any]:
@@ -233,8 +251,10 @@ def _read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as exc:
-        raise StateError(f"{path} is not a safetensors file ({exc}): it is damaged or was not written by save_state; "
-                         f"restore the state folder from a saved copy (a registered version keeps one)") from exc
+        raise StateError(
+            f"{path} is not a safetensors file ({exc}): it is damaged or was not written by save_state; "
+            f"restore the state folder from a saved copy (a registered version keeps one)"
+        ) from exc
 
 
 def tensors_digest(module: nn.Module) -> str:

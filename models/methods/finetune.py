@@ -13,17 +13,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from models.engine import Engine, OptimizerConfig, TrainConfig
-from models.heads import GrowingLinear
-from models.methods.base import Method, MethodConfig
-from models.methods.registry import register_method
-from models.streams import Task
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.heads import GrowingLinear
+from strata.models.methods.base import Method, MethodConfig
+from strata.models.methods.registry import register_method
+from strata.models.streams import Task
 
 
 class FinetuneConfig(MethodConfig):
     mode: Literal["full", "head"] = "full"
     train: TrainConfig = TrainConfig(
-        epochs=5, batch_size=48,
+        epochs=5,
+        batch_size=48,
         optimizer=OptimizerConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     )
 
@@ -57,7 +58,15 @@ class Finetune(Method):
         return self.head(self.backbone(pixels))
 
 
-register_method("finetune", Finetune, FinetuneConfig,
-                "sequential finetuning with CE over all seen classes (full or head-only): the lower bound")
-register_method("finetune_head", Finetune, lambda: FinetuneConfig(mode="head"),
-                "sequential head-only finetuning on the frozen backbone")
+register_method(
+    "finetune",
+    Finetune,
+    FinetuneConfig,
+    "sequential finetuning with CE over all seen classes (full or head-only): the lower bound",
+)
+register_method(
+    "finetune_head",
+    Finetune,
+    lambda: FinetuneConfig(mode="head"),
+    "sequential head-only finetuning on the frozen backbone",
+)

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.engine import Engine, OptimizerConfig, TrainConfig
-from models.methods.base import Method, MethodConfig
-from models.methods.registry import register_method
-from models.pet.attach import Attachment, adapted_blocks, attached
-from models.pet.lae_pets import PetKind, build_pet
-from models.streams import Task
-from models.transforms import TransformConfig
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.methods.base import Method, MethodConfig
+from strata.models.methods.registry import register_method
+from strata.models.pet.attach import Attachment, adapted_blocks, attached
+from strata.models.pet.lae_pets import PetKind, build_pet
+from strata.models.streams import Task
+from strata.models.transforms import TransformConfig
 
 
 class LAEConfig(MethodConfig):
@@ -45,7 +45,10 @@ class LAEConfig(MethodConfig):
     head_init_std: float = Field(0.001, gt=0)
     transforms: TransformConfig = TransformConfig(interpolation="bilinear", train_scale=(0.08, 1.0))
     train: TrainConfig = TrainConfig(
-        epochs=5, batch_size=24, drop_last=True, amp=False,  # the official runs are fp32
+        epochs=5,
+        batch_size=24,
+        drop_last=True,
+        amp=False,  # the official runs are fp32
         optimizer=OptimizerConfig(name="adam", lr=0.0028125, weight_decay=0.0, schedule="constant"),
     )
 
@@ -61,7 +64,8 @@ class LAE(Method):
             raise ValueError(f"none of the blocks {config.adapt_blocks} exists in a ViT of depth {backbone.info.depth}")
         self.online = nn.ModuleList(
             build_pet(config.pet, backbone.embed_dim, config.rank, config.prefix_length, config.compensate)
-            for _ in self.adapted)
+            for _ in self.adapted
+        )
         self.offline: nn.ModuleList | None = None
         self.heads = nn.ModuleList()
 
@@ -138,7 +142,14 @@ class LAE(Method):
             pet.attach(attachment, self.backbone.blocks[index])
 
 
-for _kind, _summary in (("adapter", "Adapter (r=5) parallel to MHSA"), ("lora", "KV-LoRA (rank 5)"),
-                        ("prefix", "Prefix (10 K/V tokens, compensated)")):
-    register_method(f"lae_{_kind}", LAE, lambda kind=_kind: LAEConfig(pet=kind),
-                    f"LAE with {_summary} on blocks 0-4: online/EMA-offline experts, max-softmax ensemble")
+for _kind, _summary in (
+    ("adapter", "Adapter (r=5) parallel to MHSA"),
+    ("lora", "KV-LoRA (rank 5)"),
+    ("prefix", "Prefix (10 K/V tokens, compensated)"),
+):
+    register_method(
+        f"lae_{_kind}",
+        LAE,
+        lambda kind=_kind: LAEConfig(pet=kind),
+        f"LAE with {_summary} on blocks 0-4: online/EMA-offline experts, max-softmax ensemble",
+    )

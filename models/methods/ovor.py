@@ -18,23 +18,25 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from models.engine import Engine, OptimizerConfig, TrainConfig
-from models.heads import GrowingLinear
-from models.methods.base import Method, MethodConfig, tensors_digest
-from models.methods.registry import register_method
-from models.ood import OutlierConfig, VORLossConfig, synthesize_outliers, vor_loss
-from models.pet.oneprompt import DEFAULT_LENGTHS, OnePrompt
-from models.streams import Task
-from models.transforms import TransformConfig
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.heads import GrowingLinear
+from strata.models.methods.base import Method, MethodConfig, tensors_digest
+from strata.models.methods.registry import register_method
+from strata.models.ood import OutlierConfig, VORLossConfig, synthesize_outliers, vor_loss
+from strata.models.pet.oneprompt import DEFAULT_LENGTHS, OnePrompt
+from strata.models.streams import Task
+from strata.models.transforms import TransformConfig
 
 OUTLIER_LABEL = -1  # marks outlier rows in a VOR batch
 
 
 def _train(epochs: int) -> TrainConfig:
     """Adam 1e-3, batch 128, CODA-P cosine over all epochs (``learners/default.py``)."""
-    return TrainConfig(epochs=epochs, batch_size=128,
-                       optimizer=OptimizerConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0,
-                                                 schedule="coda_cosine"))
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=128,
+        optimizer=OptimizerConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, schedule="coda_cosine"),
+    )
 
 
 class OVORConfig(MethodConfig):
@@ -49,8 +51,10 @@ class OVORConfig(MethodConfig):
     @model_validator(mode="after")
     def _vor_within_epochs(self) -> OVORConfig:
         if self.vor_epochs > self.train.epochs:
-            raise ValueError(f"vor_epochs ({self.vor_epochs}) exceeds train.epochs ({self.train.epochs}), "
-                             f"which counts regular and VOR epochs together")
+            raise ValueError(
+                f"vor_epochs ({self.vor_epochs}) exceeds train.epochs ({self.train.epochs}), "
+                f"which counts regular and VOR epochs together"
+            )
         return self
 
 
@@ -101,7 +105,7 @@ class OVOR(Method):
         logits = self.head(inputs)  # cached features: only the head gets gradients
         outlier = labels == OUTLIER_LABEL
         ce = F.cross_entropy(mask_old_classes(logits[~outlier], self.num_old), labels[~outlier])
-        current = logits[:, self.num_old:]
+        current = logits[:, self.num_old :]
         return ce + vor_loss(current[~outlier], current[outlier], self.config.vor_loss)
 
     def vor_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -112,19 +116,25 @@ class OVOR(Method):
         transform = self.train_transform()
         # Random crops: cacheable only for an identical re-run. The key holds the prompts' current values
         # and the engine adds torch's RNG state, seed and workers (``random_transform=True``).
-        features, labels = engine.extract(self.backbone, task.train.with_transform(transform),
-                                          self.config.eval_batch_size, self.feature_cache_key(task, transform, "train"),
-                                          random_transform=True)
+        features, labels = engine.extract(
+            self.backbone,
+            task.train.with_transform(transform),
+            self.config.eval_batch_size,
+            self.feature_cache_key(task, transform, "train"),
+            random_transform=True,
+        )
         features, labels = features.to(engine.device).clone(), labels.to(engine.device).clone()
         generator = torch.Generator().manual_seed(engine.seed + 1000 * task.index + epoch)
         outliers = synthesize_outliers(features, task.num_new, self.config.outliers, generator)
-        id_batches = torch.randperm(len(features), generator=generator).to(engine.device).split(
-            self.config.train.batch_size)
+        id_batches = (
+            torch.randperm(len(features), generator=generator).to(engine.device).split(self.config.train.batch_size)
+        )
         ood_batches = outliers.split(max(len(outliers) // len(id_batches), 1))
         # zip stops at the shorter loader, as in the official code (the remainder outliers are unused).
-        return [(torch.cat([features[rows], ood]),
-                 torch.cat([labels[rows], labels.new_full((len(ood),), OUTLIER_LABEL)]))
-                for rows, ood in zip(id_batches, ood_batches, strict=False)]
+        return [
+            (torch.cat([features[rows], ood]), torch.cat([labels[rows], labels.new_full((len(ood),), OUTLIER_LABEL)]))
+            for rows, ood in zip(id_batches, ood_batches, strict=False)
+        ]
 
     def feature_identity(self) -> str:
         """The backbone and the prompts' current values (they live in its attention and are trained)."""
@@ -134,7 +144,15 @@ class OVOR(Method):
         return self.head(self.backbone(pixels))  # the prompts live in the backbone's attention
 
 
-register_method("ovor", OVOR, OVORConfig,
-                "OnePrompt + virtual outlier regularization: shared prefix prompts, one linear head, VOR epochs")
-register_method("oneprompt", OVOR, lambda: OVORConfig(train=_train(50), vor_epochs=0),
-                "OnePrompt without VOR: shared prefix prompts and one linear head, 50 epochs")
+register_method(
+    "ovor",
+    OVOR,
+    OVORConfig,
+    "OnePrompt + virtual outlier regularization: shared prefix prompts, one linear head, VOR epochs",
+)
+register_method(
+    "oneprompt",
+    OVOR,
+    lambda: OVORConfig(train=_train(50), vor_epochs=0),
+    "OnePrompt without VOR: shared prefix prompts and one linear head, 50 epochs",
+)

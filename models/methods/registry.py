@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from models.backbones import Backbone
-from models.methods.base import Method, MethodConfig
+from strata.models.backbones import Backbone
+from strata.models.methods.base import Method, MethodConfig
 
 
 class UnknownMethodError(ValueError):
@@ -31,8 +31,13 @@ _REGISTRY: dict[str, MethodEntry] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_method(name: str, method_class: type[Method], default_config: Callable[[], MethodConfig],
-                    summary: str, aliases: tuple[str, ...] = ()) -> None:
+def register_method(
+    name: str,
+    method_class: type[Method],
+    default_config: Callable[[], MethodConfig],
+    summary: str,
+    aliases: tuple[str, ...] = (),
+) -> None:
     if name in _REGISTRY or name in _ALIASES:
         raise ValueError(f"method {name!r} is registered twice")
     _REGISTRY[name] = MethodEntry(name, method_class, default_config, summary)
@@ -60,8 +65,9 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodC
     return entry.method_class.config_class.model_validate(merged)
 
 
-def create_method(name: str, backbone: Backbone, config: MethodConfig | None = None,
-                  overrides: dict[str, Any] | None = None) -> Method:
+def create_method(
+    name: str, backbone: Backbone, config: MethodConfig | None = None, overrides: dict[str, Any] | None = None
+) -> Method:
     """Build a method by (possibly aliased) name on a backbone."""
     entry = method_entry(name)
     if config is None:

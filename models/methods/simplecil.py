@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from models.engine import Engine, TrainConfig
-from models.heads import CosineClassifier, class_means
-from models.methods.base import Method, MethodConfig
-from models.methods.registry import register_method
-from models.streams import Task
+from strata.models.engine import Engine, TrainConfig
+from strata.models.heads import CosineClassifier, class_means
+from strata.models.methods.base import Method, MethodConfig
+from strata.models.methods.registry import register_method
+from strata.models.streams import Task
 
 
 class SimpleCILConfig(MethodConfig):
@@ -33,8 +33,15 @@ class SimpleCIL(Method):
 
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
         transform = self.test_transform()
-        add_prototypes(self.head, self.features, task, transform, engine, self.config.eval_batch_size,
-                       self.feature_cache_key(task, transform, "train"))
+        add_prototypes(
+            self.head,
+            self.features,
+            task,
+            transform,
+            engine,
+            self.config.eval_batch_size,
+            self.feature_cache_key(task, transform, "train"),
+        )
         return []
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -44,13 +51,21 @@ class SimpleCIL(Method):
         return self.head(self.features(pixels))
 
 
-def add_prototypes(head: CosineClassifier, features, task: Task, transform, engine: Engine, batch_size: int,
-                   cache_key: str | None = None) -> None:
+def add_prototypes(
+    head: CosineClassifier,
+    features,
+    task: Task,
+    transform,
+    engine: Engine,
+    batch_size: int,
+    cache_key: str | None = None,
+) -> None:
     """Embed the task's training images once (test transform, inference mode) and write class means;
     with a ``cache_key`` the engine may serve the embeddings from its feature cache."""
     embedded, labels = engine.extract(features, task.train.with_transform(transform), batch_size, cache_key)
     head.set_prototypes(torch.tensor(task.class_ids), class_means(embedded, labels, task.class_ids))
 
 
-register_method("simplecil", SimpleCIL, SimpleCILConfig,
-                "prototype cosine classifier on the frozen backbone (training-free)")
+register_method(
+    "simplecil", SimpleCIL, SimpleCILConfig, "prototype cosine classifier on the frozen backbone (training-free)"
+)

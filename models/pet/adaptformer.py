@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from models.backbones import Backbone
-from models.pet.attach import Attachment
+from strata.models.backbones import Backbone
+from strata.models.pet.attach import Attachment
 
 
 class BottleneckAdapter(nn.Module):
@@ -41,8 +41,9 @@ class AdaptFormer(nn.Module):
 
     def __init__(self, backbone: Backbone, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1):
         super().__init__()
-        self.adapters = nn.ModuleList(BottleneckAdapter(backbone.embed_dim, bottleneck, scale, dropout)
-                                      for _ in backbone.blocks)
+        self.adapters = nn.ModuleList(
+            BottleneckAdapter(backbone.embed_dim, bottleneck, scale, dropout) for _ in backbone.blocks
+        )
 
     def attach(self, backbone: Backbone, attachment: Attachment) -> None:
         for block, adapter in zip(backbone.blocks, self.adapters, strict=True):

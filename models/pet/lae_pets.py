@@ -1,6 +1,6 @@
 """LAE's three PET kinds (gqk/LAE ``libml/model/pet``), one instance per adapted ViT block.
 
-Each PET is owned by the method and joins a block only through an :class:`~models.pet.attach.Attachment`
+Each PET is owned by the method and joins a block only through an :class:`~strata.models.pet.attach.Attachment`
 (``pet.attach(attachment, block)``), so the same backbone serves LAE's online and offline experts in turn.
 Every PET multiplies its output by a learnable scalar initialised to 1 (the official ``Scaler`` with
 ``scale: null``); the zero-initialised ones (Adapter, LoRA) leave the ViT unchanged at the start.
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pet.attach import Attachment
-from models.pet.prefix import attach_prefix
+from strata.models.pet.attach import Attachment
+from strata.models.pet.prefix import attach_prefix
 
 PetKind = Literal["adapter", "lora", "prefix"]
 
@@ -93,7 +93,7 @@ class KVLoRA(nn.Module):
 class PrefixTokens(nn.Module):
     """L key and L value tokens in projected K/V space, U(0, 0.01), each set times its own learnable scalar.
 
-    Inserted right after the CLS key/value by the shared :class:`~models.pet.prefix.PrefixAttention`;
+    Inserted right after the CLS key/value by the shared :class:`~strata.models.pet.prefix.PrefixAttention`;
     ``compensate`` switches LAE's attention compensation (adaptation-speed calibration), on by default.
     """
 

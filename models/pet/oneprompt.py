@@ -3,7 +3,7 @@
 Each prompted layer owns L tokens (U(0, 1) init, as CODA-P's ``tensor_prompt``); the first L/2 are
 prepended to the projected keys and the last L/2 to the projected values, in front of the CLS token
 and without attention compensation. The attention itself is the shared
-:class:`~models.pet.prefix.PrefixAttention`; this module only holds the tokens.
+:class:`~strata.models.pet.prefix.PrefixAttention`; this module only holds the tokens.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import Backbone
-from models.pet.attach import Attachment, adapted_blocks
-from models.pet.prefix import attach_prefix
+from strata.models.backbones import Backbone
+from strata.models.pet.attach import Attachment, adapted_blocks
+from strata.models.pet.prefix import attach_prefix
 
 # Official ``prompt_param [10, 40, 10]``: length 10 ("g" prompts) at layers 0-1, 40 ("e") at 2-4.
 DEFAULT_LENGTHS: dict[int, int] = {0: 10, 1: 10, 2: 40, 3: 40, 4: 40}

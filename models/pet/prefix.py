@@ -28,8 +28,9 @@ class PrefixAttention(nn.Module):
     The timm submodules are the same objects under the same names as in the wrapped attention.
     """
 
-    def __init__(self, attn: Attention, prefix: nn.Module, position: PrefixPosition = "front",
-                 compensate: bool = False):
+    def __init__(
+        self, attn: Attention, prefix: nn.Module, position: PrefixPosition = "front", compensate: bool = False
+    ):
         super().__init__()
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
@@ -62,9 +63,10 @@ class PrefixAttention(nn.Module):
         v = torch.cat([v[:, :, :start], prefix_v, v[:, :, start:]], dim=2)
         if self.compensate:
             attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
-            mass = attn[..., start:start + length].sum(dim=-1, keepdim=True).clamp_min(1e-12)
-            attn = torch.cat([attn[..., :start], attn[..., start:start + length] / mass,
-                              attn[..., start + length:]], dim=-1)
+            mass = attn[..., start : start + length].sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            attn = torch.cat(
+                [attn[..., :start], attn[..., start : start + length] / mass, attn[..., start + length :]], dim=-1
+            )
             out = self.attn_drop(attn) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -72,7 +74,6 @@ class PrefixAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-def attach_prefix(attachment, block: nn.Module, prefix: nn.Module, position: PrefixPosition,
-                  compensate: bool) -> None:
+def attach_prefix(attachment, block: nn.Module, prefix: nn.Module, position: PrefixPosition, compensate: bool) -> None:
     """Swap ``block.attn`` for a :class:`PrefixAttention` recorded in ``attachment``."""
     attachment.swap(block, "attn", PrefixAttention(block.attn, prefix, position, compensate))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import Backbone
-from models.pet.attach import Attachment
+from strata.models.backbones import Backbone
+from strata.models.pet.attach import Attachment
 
 BLOCK_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 

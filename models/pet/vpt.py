@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import Backbone
-from models.pet.attach import Attachment
+from strata.models.backbones import Backbone
+from strata.models.pet.attach import Attachment
 
 
 class VisualPrompts(nn.Module):
@@ -38,8 +38,14 @@ class VisualPrompts(nn.Module):
         else:
             self._wrap(backbone.vit.norm_pre, backbone.vit.norm, self.prompts[0], attachment, append_after=True)
 
-    def _wrap(self, start: nn.Module, end: nn.Module, prompts: torch.Tensor, attachment: Attachment,
-              append_after: bool = False) -> None:
+    def _wrap(
+        self,
+        start: nn.Module,
+        end: nn.Module,
+        prompts: torch.Tensor,
+        attachment: Attachment,
+        append_after: bool = False,
+    ) -> None:
         """Append ``prompts`` at ``start`` (its input, or its output if ``append_after``) and drop them at ``end``."""
         n = self.num_tokens
         if append_after:

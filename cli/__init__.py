@@ -1,0 +1,1 @@
+"""The ``strata`` command line (``strata.cli.app:app``)."""

@@ -1,0 +1,1 @@
+"""The ledger's alembic migrations (``strata db …``), shipped as ``strata.migrations``."""

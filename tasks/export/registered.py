@@ -1,0 +1,72 @@
+"""Registered versions ⇄ ONNX exports: resolve a version or alias, rebuild it, export it, log the
+ONNX model (onnx flavor) on the version's run, and serve whatever an alias points at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import onnx
+from mlflow import MlflowClient
+
+from strata.tasks.serving.sources import ModelRef, ModelSourceError
+from strata.tasks.tracking import promotion, runs
+from strata.tasks.workspace.settings import StrataSettings
+
+ONNX_ARTIFACT = "onnx"
+ONNX_TAG = "strata.onnx_model_uri"
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def resolve_version(client: MlflowClient, learner: str, version: str | None, alias: str) -> str:
+    """``version`` if given (checked), else the version ``alias`` points at."""
+    name = runs.model_name(learner)
+    if version is not None:
+        promotion.version_tags(client, name, version)
+        return version
+    resolved = promotion.alias_version(client, name, alias)
+    if resolved is None:
+        raise ModelSourceError(f"{name} has no version with alias {alias!r}; see `strata status --learner {learner}`")
+    return resolved
+
+
+def download_state(client: MlflowClient, settings: StrataSettings, learner: str, version: str, into: Path) -> Path:
+    """The state files logged with the version's run (works for local stores and tracking servers)."""
+    run_id = client.get_model_version(runs.model_name(learner), version).run_id
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="state", dst_path=str(into), tracking_uri=settings.mlflow_tracking_uri
+        )
+    )
+
+
+def log_onnx(client: MlflowClient, learner: str, version: str, model_path: Path, export_dir: Path) -> str:
+    """Log the exported graph with MLflow's onnx flavor in the version's run; tag the version with it."""
+    name = runs.model_name(learner)
+    run_id = client.get_model_version(name, version).run_id
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(model_path)), name=ONNX_ARTIFACT, onnx_execution_providers=PROVIDERS)
+        mlflow.log_artifacts(str(export_dir), artifact_path=f"{ONNX_ARTIFACT}-export")
+    client.set_model_version_tag(name, version, ONNX_TAG, info.model_uri)
+    return info.model_uri
+
+
+class RegistrySource:
+    """Serve what an alias (``champion``) points at; a version without an export is exported on first use.
+
+    ``export(version) -> directory`` is given by the caller (the export flow), so this stays a plain
+    lookup: alias → version → export directory under the workspace.
+    """
+
+    def __init__(self, settings: StrataSettings, learner: str, alias: str, export: Callable[[str], Path]):
+        self.settings, self.learner, self.alias, self.export = settings, learner, alias, export
+        self._exported: dict[str, Path] = {}
+
+    def current(self) -> ModelRef:
+        client = runs.configure(self.settings)
+        version = resolve_version(client, self.learner, None, self.alias)
+        if version not in self._exported:
+            self._exported[version] = self.export(version)
+        return ModelRef(version, self._exported[version])

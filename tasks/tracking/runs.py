@@ -1,0 +1,175 @@
+"""MLflow tracking for learners: one parent run per ``learn``, one child run per increment, one
+registered model version per increment (``strata-<learner>``).
+
+The store comes from settings: the workspace's SQLite database by default (artifacts under
+``.strata/mlartifacts``), or any tracking server (``http://…`` in front of PostgreSQL and S3).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.models import infer_signature
+
+from strata.tasks.workspace.settings import StrataSettings, redact_url
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SERVER_SCHEMES = ("http://", "https://", "databricks")  # stores behind a tracking server
+STORE_LOCK_TIMEOUT_S = 600  # creating a store runs MLflow's whole migration history: seconds, on a busy disk more
+STEP_METRICS = ("accuracy", "task_averaged_accuracy", "forgetting", "backward_transfer", "old_accuracy", "new_accuracy")
+
+
+def model_name(learner: str) -> str:
+    return f"strata-{learner}"
+
+
+def experiment_name(learner: str) -> str:
+    return f"strata/{learner}"
+
+
+def configure(settings: StrataSettings) -> MlflowClient:
+    """Point MLflow (tracking and registry) at the workspace's store.
+
+    MLflow writes "View run at <tracking URI>/…" to stdout after each run on a server; a URI carrying a
+    password would put it in every log, so the links are suppressed for such a URI.
+
+    MLflow creates a database store on first use by running its whole migration history, unguarded: two
+    processes doing it at once on an empty database fail ("duplicate column name", "table
+    _alembic_tmp_tags already exists" on SQLite, which is left half-migrated and unusable; a unique
+    violation on PostgreSQL), and the first ``learn`` runs of a new workspace do start together. So the
+    client, which opens the store, is made under a lock in the workspace's state folder: one process
+    creates the store, the others wait and find it ready. A tracking server guards its own store.
+    """
+    uri = settings.mlflow_tracking_uri
+    if redact_url(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith(SERVER_SCHEMES):
+        return MlflowClient(uri, uri)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(settings.state_dir / "mlflow-store.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        return MlflowClient(uri, uri)
+
+
+def experiment_id(client: MlflowClient, settings: StrataSettings, learner: str) -> str:
+    name = experiment_name(learner)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local_store = not settings.mlflow_tracking_uri.startswith(SERVER_SCHEMES)
+    location = Path(settings.mlflow_artifacts).resolve().as_uri() if local_store else None
+    return client.create_experiment(name, artifact_location=location, tags={"strata.learner": learner})
+
+
+@contextmanager
+def learn_run(client: MlflowClient, settings: StrataSettings, learner: str, tags: dict[str, str]) -> Iterator[str]:
+    """The parent run of one ``learn`` invocation; yields its run id."""
+    with mlflow.start_run(
+        experiment_id=experiment_id(client, settings, learner),
+        run_name=f"learn {learner}",
+        tags={"strata.learner": learner, **tags},
+    ) as run:
+        yield run.info.run_id
+
+
+def end_interrupted_runs(client: MlflowClient, learner: str) -> list[str]:
+    """Mark the learner's runs still ``RUNNING`` as ``KILLED``; returns their ids.
+
+    Called under the learner's lease, where no other run of this learner is live: such a run belongs
+    to a ``learn`` that was killed, and would otherwise show as running in the MLflow UI forever.
+    """
+    experiment = client.get_experiment_by_name(experiment_name(learner))
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested config → ``a.b.c`` params (MLflow params are flat strings)."""
+    if isinstance(value, dict):
+        items: dict[str, Any] = {}
+        for key, inner in value.items():
+            items.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return items
+    return {prefix: value}
+
+
+def log_increment(
+    task_index: int,
+    params: dict[str, Any],
+    summary: dict[str, Any],
+    losses: list[float],
+    tags: dict[str, str],
+    data: dict[str, str],
+    files: list[Path],
+    state_dir: Path,
+) -> str:
+    """Log one increment into the active child run; returns nothing but what MLflow stored."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten("", params).items()})
+    mlflow.set_tags(tags)
+    step_values = {}
+    for name in STEP_METRICS:
+        value = summary[name][task_index]
+        if value is not None:
+            step_values[name] = value
+    step_values["average_incremental_accuracy"] = summary["average_incremental_accuracy"]
+    mlflow.log_metrics(step_values, step=task_index)
+    for epoch, loss in enumerate(losses):
+        mlflow.log_metric("train_loss", loss, step=epoch)
+    with warnings.catch_warnings():  # two registered local sources match a path; both are the same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data["uri"])
+    mlflow.log_input(
+        MetaDataset(source, name=data["name"], digest=data["md5"][:36]),
+        context="training",
+        tags={"git_rev": data["git_rev"], "dvc_md5": data["md5"]},
+    )
+    for path in files:
+        mlflow.log_artifact(str(path))
+    mlflow.log_artifacts(str(state_dir), artifact_path="state")
+    return mlflow.active_run().info.run_id
+
+
+def log_parent_metrics(client: MlflowClient, parent_run_id: str, task_index: int, summary: dict[str, Any]) -> None:
+    """The parent run carries the learner's curve across all increments of this invocation."""
+    for key in ("accuracy", "average_incremental_accuracy"):
+        value = summary[key][task_index] if key == "accuracy" else summary[key]
+        client.log_metric(parent_run_id, key, value, step=task_index)
+
+
+def log_and_register(
+    learner: str,
+    state_dir: Path,
+    example: np.ndarray,
+    class_names: list[str],
+    weights: str | None,
+    tags: dict[str, str],
+) -> str:
+    """Log the pyfunc (models from code, signature + input example) and register it; returns the version."""
+    signature = infer_signature(example, np.array(class_names[:1] * len(example)))
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"state": str(state_dir)},
+        signature=signature,
+        input_example=example,
+        model_config={"weights": weights} if weights else None,
+        pip_requirements=["strata"],
+    )
+    version = mlflow.register_model(info.model_uri, model_name(learner), tags=tags)
+    return str(version.version)
