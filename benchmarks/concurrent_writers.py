@@ -8,9 +8,12 @@ at a time and makes the others wait (the ledger's busy timeout, MLflow's own); P
 Each writer is a spawned process (nothing inherited from this one) acting like ``strata ingest`` then
 ``strata learn`` of its learner ``writer-<n>``, round after round, through Strata's real task functions
 minus DVC and training: it records a data version through the ORM as ``strata.tasks.data.ingest`` does after its
-DVC steps, then takes the learner's lease, starts the increment, opens the parent and child MLflow runs,
-logs params, metrics, tags and the data input (``runs.log_increment``), registers a model version,
-moves the ``candidate`` and ``champion`` aliases, finishes the increment and records the promotion.
+DVC steps, then takes the learner's lease, opens the parent MLflow run, gates stand-in figures against the
+champion and hands them to the learn flow's own recorder (``strata.tasks.tracking.recorder``), which writes
+the increment as the flow does: ledger row, child run (params, metrics, tags, data input, state, gate),
+registered version, ledger commit, ``candidate`` and ``champion`` aliases, promotion record. Only the
+version's content differs: the run's state artifacts rather than a pyfunc, whose logging loads a trained
+method.
 
 Two phases start behind barriers so that all writers hit the stores together:
 
@@ -27,6 +30,7 @@ Two phases start behind barriers so that all writers hit the stores together:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import multiprocessing
 import queue
@@ -50,11 +54,8 @@ from strata.tasks.ledger import migrate
 from strata.tasks.ledger.increments import (
     configure_learner,
     fail_interrupted_increments,
-    finish_increment,
     learned_tasks,
     pending_versions,
-    record_promotion,
-    start_increment,
 )
 from strata.tasks.ledger.store import (
     DataVersion,
@@ -69,15 +70,29 @@ from strata.tasks.ledger.store import (
     process_holder,
 )
 from strata.tasks.tracking import promotion, runs
+from strata.tasks.tracking.figures import LearnerFigures
+from strata.tasks.tracking.recorder import IncrementRecord, IncrementRecorder, RecorderScope
 from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
 
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 START_TIMEOUT_S = 180  # spawning, imports and the first use of the stores
 ROUNDS_TIMEOUT_S = 600
 CLASSES_PER_ROUND = 2
+ACCURACY = 0.5  # every figure of every round: the gate sees no drop and promotes each candidate
 LOSSES = [0.9, 0.5]
-PARAMS = {"method": "simplecil", "backbone": "tiny", "seed": 0, "config": {"train": {"epochs": 2, "lr": 0.01}}}
-CHILD_METRICS = len(runs.STEP_METRICS) + 1 + len(LOSSES)  # step metrics, Ā, one train_loss per epoch
+PARAMS = runs.MethodParams(
+    method="simplecil",
+    config={"train": {"epochs": 2, "lr": 0.01}},
+    backbone="tiny",
+    backbone_source="random-init",
+    weights_fingerprint="",
+    seed=0,
+)
+IMAGE_SIZE = 32
+CHILD_TAGS = (
+    8  # the recorder's: learner, task_index, batch_id, dvc_md5, git_rev, prefect_flow_run_id, parent_version, gate
+)
+PARENT_TAGS = 2  # learner, writer
 PARENT_METRICS = 2  # accuracy and Ā at the task's step
 LEFTOVERS = ("other_increments", "leases_left")  # counted to be zero, not writes
 
@@ -108,8 +123,42 @@ def record_version(engine: Engine, settings: StrataSettings, learner: str, batch
         )
 
 
+def figures_after(task_index: int) -> LearnerFigures:
+    """Stand-in figures after ``task_index``: ACCURACY wherever ``summarize`` reports a figure, none missing."""
+    tasks = task_index + 1
+    same = [ACCURACY] * tasks
+    return LearnerFigures(
+        accuracy_matrix=[[ACCURACY] * (t + 1) + [None] * (tasks - t - 1) for t in range(tasks)],
+        test_sizes=[CLASSES_PER_ROUND] * tasks,  # one test image per class, as record_version splits them
+        accuracy=same,
+        average_incremental_accuracy=ACCURACY,
+        task_averaged_accuracy=same,
+        forgetting=same,
+        backward_transfer=same,
+        old_accuracy=same,
+        new_accuracy=same,
+        final_accuracy=ACCURACY,
+        final_forgetting=ACCURACY,
+    )
+
+
+CHILD_METRICS = len(figures_after(0).at(0).step_metrics()) + len(LOSSES)  # step figures, one train_loss per epoch
+
+
+def register_state(client: MlflowClient, learner: str, model: runs.ModelPackage, tags: dict[str, str]) -> str:
+    """The writers' stand-in for ``runs.log_and_register``: a version of the active child run's state artifacts."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("a model version is registered inside the increment's child run")
+    return str(
+        client.create_model_version(
+            runs.model_name(learner), f"{run.info.artifact_uri}/state", run.info.run_id, tags=tags
+        ).version
+    )
+
+
 def learn_round(engine: Engine, client: MlflowClient, settings: StrataSettings, writer: int, state_dir: Path) -> None:
-    """One ``learn`` of the writer's learner: its one pending version, with the flow's ledger and MLflow writes."""
+    """One ``learn`` of the writer's learner: its one pending version, recorded by the learn flow's recorder."""
     learner = learner_name(writer)
     name = runs.model_name(learner)
     with ledger_session(engine) as session:
@@ -119,57 +168,44 @@ def learn_round(engine: Engine, client: MlflowClient, settings: StrataSettings, 
             row = configure_learner(session, learner, "simplecil", "tiny", {})
             fail_interrupted_increments(session, row)
             history = learned_tasks(session, row)
-            (version,) = [(v.id, v.batch_id, sorted(v.classes)) for v in pending_versions(session, row)]
-        version_id, batch, classes = version
+            (version,) = pending_versions(session, row)
+            version_id, classes = version.id, sorted(version.classes)
+            data = runs.DataInput(
+                uri=str(settings.workspace / version.path),
+                name=version.batch_id,
+                md5=version.md5,
+                git_rev=version.git_rev,
+            )
         task_index = len(history)
         runs.end_interrupted_runs(client, learner)
         if task_index == 0:
-            client.create_registered_model(name)
-        with runs.learn_run(client, settings, learner, {"strata.writer": str(writer)}) as parent_run_id:
-            increment_id = start_increment(engine, learner_id, task_index, version_id)
-            summary = {key: [0.5] * (task_index + 1) for key in runs.STEP_METRICS}
-            summary["average_incremental_accuracy"] = 0.5
-            tags = {"strata.learner": learner, "strata.task_index": str(task_index), "strata.batch_id": batch}
-            data = {
-                "uri": str(settings.workspace / "data" / "batches" / batch),
-                "name": batch,
-                "md5": "0" * 32,
-                "git_rev": "0" * 40,
-            }
-            experiment = client.get_run(parent_run_id).info.experiment_id
-            with mlflow.start_run(
-                experiment_id=experiment,
-                parent_run_id=parent_run_id,
-                nested=True,
-                run_name=f"task {task_index} ({batch})",
-            ) as child:
-                runs.log_increment(task_index, PARAMS, summary, LOSSES, tags, data, [], state_dir)
-                promotion.remove_unrecorded_versions(
-                    client, name, task_index, {t.model_version for t in history if t.model_version}
-                )
-                registered = str(
-                    client.create_model_version(
-                        name,
-                        f"{child.info.artifact_uri}/state",
-                        child.info.run_id,
-                        tags={"strata.task_index": str(task_index)},
-                    ).version
-                )
-            runs.log_parent_metrics(client, parent_run_id, task_index, summary)
-            finish_increment(
-                engine,
-                increment_id,
-                classes,
-                task_index * CLASSES_PER_ROUND,
-                str(state_dir),
-                {"accuracy": 0.5},
-                child.info.run_id,
-                registered,
+            client.create_registered_model(name)  # in the flow, registering the first pyfunc creates it
+
+        def learned() -> IncrementRecord:
+            figures = figures_after(task_index)
+            candidate = promotion.CandidateFigures(
+                row=[ACCURACY] * (task_index + 1), test_sizes=figures.test_sizes, accuracy=ACCURACY
             )
-        promotion.set_alias(client, name, promotion.CANDIDATE, registered)
-        previous = promotion.alias_version(client, name, promotion.CHAMPION)
-        promotion.set_alias(client, name, promotion.CHAMPION, registered)
-        record_promotion(engine, learner_id, registered, previous, "gate", "concurrent-writers benchmark")
+            champion = promotion.champion_figures(client, name, history)
+            return IncrementRecord(
+                task_index=task_index,
+                data=data,
+                new_classes=classes,
+                first_class_id=task_index * CLASSES_PER_ROUND,
+                history=history,
+                params=PARAMS,
+                row=candidate.row,
+                figures=figures,
+                losses=LOSSES,
+                decision=promotion.decide(promotion.GateConfig(), candidate, champion),
+                report=[],
+                model=runs.ModelPackage(state_dir=state_dir, class_names=classes, image_size=IMAGE_SIZE, weights=None),
+            )
+
+        with runs.learn_run(client, settings, learner, {"strata.writer": str(writer)}) as parent_run_id:
+            scope = RecorderScope(learner=learner, learner_id=learner_id, parent_run_id=parent_run_id, flow_run_id="")
+            recorder = IncrementRecorder(settings, scope, functools.partial(register_state, client))
+            recorder.record(task_index, version_id, learned)
 
 
 class Problems(logging.Handler):
@@ -244,9 +280,9 @@ def expected_counts(writers: int, rounds: int) -> dict[str, dict[str, int]]:
         "mlflow": {
             "experiments": writers,
             "finished_runs": 2 * total,
-            "params": total * len(runs.flatten("", PARAMS)),
+            "params": total * len(runs.flatten("", PARAMS.model_dump(mode="json"))),
             "metric_points": total * (CHILD_METRICS + PARENT_METRICS),
-            "strata_tags": total * 5,  # child: learner, task_index, batch_id; parent: learner, writer
+            "strata_tags": total * (CHILD_TAGS + PARENT_TAGS),
             "dataset_inputs": total,
             "registered_models": writers,
             "model_versions": total,

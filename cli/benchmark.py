@@ -9,21 +9,18 @@ import typer
 from rich.table import Table
 
 from strata.cli.common import (
-    WorkspaceOption,
     _int_list,
     _json_option,
     _pct,
     app,
     console,
-    user_errors,
 )
 from strata.models.backbones import TINY_BACKBONES
-from strata.models.engine import is_main_process
+from strata.models.distributed import is_main_process
 from strata.models.methods import available_methods, method_entry
 
 
 @app.command()
-@user_errors
 def benchmark(
     method: Annotated[str | None, typer.Option(help="method name (see `strata methods`) [default: simplecil]")] = None,
     dataset: Annotated[str | None, typer.Option(help="digits | cifar100:DIR | folder:DIR | synthetic[:N]")] = None,
@@ -61,6 +58,7 @@ def benchmark(
     if config:
         fields["overrides"] = {**fields.get("overrides", {}), **_json_option(config)}
     params = BenchmarkParams(out=out, **fields)
+    method_entry(params.method)  # an unknown name fails before anything is printed
     if params.backbone in TINY_BACKBONES and params.weights is None:
         console.print(
             f"[yellow]note:[/] backbone {params.backbone!r} is RANDOMLY INITIALISED (no pretrained "
@@ -95,7 +93,6 @@ def benchmark(
 
 
 @app.command()
-@user_errors
 def compare(
     methods: Annotated[str, typer.Option(help="comma-separated method names")] = "simplecil,finetune",
     dataset: Annotated[str, typer.Option(help="digits | cifar100:DIR | folder:DIR | synthetic[:N]")] = "digits",
@@ -116,7 +113,10 @@ def compare(
         typer.Option(min=0, help="or over a local Dask cluster of N worker processes [default: 0, one run at a time]"),
     ] = 0,
     out: Annotated[Path, typer.Option(help="output folder (METHOD/seed-SEED sub-folders)")] = Path("runs/compare"),
-    workspace: WorkspaceOption = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option("--workspace", "-w", help="whose MLflow store to log to [default: the current folder]"),
+    ] = None,
 ) -> None:
     """The benchmark flow: methods × seeds on the same stream, one MLflow run each, a comparison table."""
     from strata.flows.benchmark import CompareParams

@@ -16,13 +16,11 @@ from strata.cli.common import (
     console,
     data_app,
     db_app,
-    user_errors,
 )
 from strata.tasks.workspace.setup import workspace_settings
 
 
 @app.command()
-@user_errors
 def init(
     directory: Annotated[Path, typer.Argument(help="workspace folder (created if missing)")] = Path("."),
     remote: Annotated[str | None, typer.Option(help="DVC remote URL [default: .strata/dvc-remote]")] = None,
@@ -38,7 +36,6 @@ def init(
 
 
 @app.command()
-@user_errors
 def ingest(
     source: Annotated[Path, typer.Argument(help="ImageFolder tree (class/*.jpg or train/ + test/) or .zip/.tar(.gz)")],
     learner: Annotated[str, typer.Option(help="the learner this batch of new classes is for")],
@@ -59,7 +56,6 @@ def ingest(
 
 
 @data_app.command("list")
-@user_errors
 def data_list(
     learner: Annotated[str | None, typer.Option(help="only this learner's versions")] = None,
     workspace: WorkspaceOption = None,
@@ -74,7 +70,6 @@ def data_list(
 
 
 @data_app.command("show")
-@user_errors
 def data_show(
     batch: Annotated[str, typer.Argument(help="batch id (see `strata data list`)")], workspace: WorkspaceOption = None
 ) -> None:
@@ -88,7 +83,6 @@ def data_show(
 
 
 @db_app.command("upgrade")
-@user_errors
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head", workspace: WorkspaceOption = None) -> None:
     """Migrate the ledger up to REVISION."""
     from strata.tasks.ledger import migrate
@@ -99,7 +93,6 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head", workspace: W
 
 
 @db_app.command("downgrade")
-@user_errors
 def db_downgrade(revision: Annotated[str, typer.Argument()] = "-1", workspace: WorkspaceOption = None) -> None:
     """Migrate the ledger down to REVISION (default: one step; `base` drops every table)."""
     from strata.tasks.ledger import migrate
@@ -110,7 +103,6 @@ def db_downgrade(revision: Annotated[str, typer.Argument()] = "-1", workspace: W
 
 
 @db_app.command("current")
-@user_errors
 def db_current(workspace: WorkspaceOption = None) -> None:
     """The ledger's revision and the head revision."""
     from strata.tasks.ledger import migrate

@@ -16,8 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
-from strata.cli.common import DemoError, _increments_table, app, console, user_errors
+from strata.cli.common import _increments_table, app, console
 from strata.flows.learn import LearnParams, learn
+from strata.models.errors import UserError
+from strata.models.methods import method_entry
 from strata.tasks.data.demo_batches import write_digit_batches
 from strata.tasks.data.ingest import ingest
 from strata.tasks.tracking.champion import status
@@ -27,13 +29,23 @@ from strata.tasks.workspace.setup import init_workspace
 LEARNER = "digits"
 
 
+class DemoError(UserError, ValueError):
+    """The demo cannot start as asked; the message says how to fix it."""
+
+
+def fresh_folder(directory: Path | None) -> Path:
+    """``directory``, refused unless empty or missing (default: a new temporary folder)."""
+    directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="strata-demo-")) / "workspace"
+    if directory.exists() and any(directory.iterdir()):
+        raise DemoError(f"{directory} is not empty; the demo needs a fresh workspace: pass another --dir")
+    return directory
+
+
 def run_demo(
     directory: Path | None = None, method: str = "simplecil", on_batch: Callable[[int, int, str], None] | None = None
 ) -> dict[str, Any]:
     """Ingest and learn 5 digit batches in a fresh workspace; returns the learner's status and timings."""
-    directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="strata-demo-")) / "workspace"
-    if directory.exists() and any(directory.iterdir()):
-        raise DemoError(f"{directory} is not empty; the demo needs a fresh workspace: pass another --dir")
+    directory = fresh_folder(directory)
     started = time.perf_counter()
     init_workspace(directory)
     settings = load_settings(directory)
@@ -58,7 +70,6 @@ def run_demo(
 
 
 @app.command()
-@user_errors
 def demo(
     method: Annotated[str, typer.Option(help="method the digits learner uses")] = "simplecil",
     directory: Annotated[
@@ -68,8 +79,8 @@ def demo(
     """Ingest and learn scikit-learn's digits in 5 batches, end to end, offline."""
     from rich.progress import Progress
 
-    from strata.cli.demo import run_demo
-
+    directory = fresh_folder(directory)  # refused before anything is printed
+    method_entry(method)
     console.print(
         "[yellow]note:[/] the demo uses the [bold]tiny RANDOMLY INITIALISED[/] ViT: it shows the platform "
         "working, not what a pretrained backbone reaches (pass real weights to `strata learn` for that)."

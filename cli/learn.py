@@ -12,14 +12,14 @@ from strata.cli.common import (
     _increments_table,
     _json_option,
     _pct,
+    _registered_version,
     app,
     console,
-    user_errors,
 )
+from strata.models.methods import method_entry
 
 
 @app.command()
-@user_errors
 def learn(
     learner: Annotated[str, typer.Option(help="learner name (created on first use)")],
     method: Annotated[str | None, typer.Option(help="method on first learn [default: simplecil]")] = None,
@@ -40,6 +40,8 @@ def learn(
     from strata.flows.learn import learn as learn_flow
     from strata.tasks.tracking.promotion import GateConfig
 
+    if method is not None:
+        method_entry(method)  # an unknown name fails here, not in a flow run
     result = learn_flow(
         LearnParams(
             learner=learner,
@@ -62,7 +64,6 @@ def learn(
 
 
 @app.command()
-@user_errors
 def status(
     learner: Annotated[str | None, typer.Option(help="only this learner")] = None, workspace: WorkspaceOption = None
 ) -> None:
@@ -74,7 +75,6 @@ def status(
 
 
 @app.command()
-@user_errors
 def promote(
     learner: Annotated[str, typer.Option(help="learner name")],
     version: Annotated[str, typer.Option(help="registered model version to make champion")],
@@ -83,12 +83,12 @@ def promote(
     """Move the learner's champion alias to VERSION by hand (recorded in the ledger)."""
     from strata.tasks.tracking.champion import promote as promote_version
 
+    _registered_version(learner, version, "champion", workspace)  # names an unknown learner or version
     previous = promote_version(learner, version, workspace)
     console.print(f"champion of {learner}: v{previous} → v{version}")
 
 
 @app.command()
-@user_errors
 def rollback(learner: Annotated[str, typer.Option(help="learner name")], workspace: WorkspaceOption = None) -> None:
     """Move the champion back to the version it pointed at before its last move."""
     from strata.tasks.tracking.champion import rollback as rollback_champion

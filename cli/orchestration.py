@@ -11,7 +11,6 @@ from strata.cli.common import (
     WorkspaceOption,
     app,
     console,
-    user_errors,
 )
 
 LearnersOption = Annotated[
@@ -37,7 +36,6 @@ GpuSlotsOption = Annotated[
 
 
 @app.command()
-@user_errors
 def deploy(
     learner: LearnersOption = None,
     pool: Annotated[
@@ -63,7 +61,6 @@ def deploy(
 
 
 @app.command()
-@user_errors
 def worker(
     pool: Annotated[str, typer.Option(help="work pool to take runs from")] = "strata",
     limit: Annotated[int | None, typer.Option(help="most flow runs at once")] = None,
@@ -75,7 +72,6 @@ def worker(
 
 
 @app.command("serve-flows")
-@user_errors
 def serve_flows(
     learner: LearnersOption = None,
     gpu_slots: GpuSlotsOption = None,

@@ -9,20 +9,23 @@ import typer
 
 from strata.cli.common import (
     WorkspaceOption,
+    _registered_version,
+    _size_option,
     app,
     console,
-    user_errors,
+    require_workspace,
 )
+
+OPSETS = (17, 23)  # the oldest ExportParams takes, the newest torch writes (above it torch quietly writes 18)
 
 
 @app.command()
-@user_errors
 def export(
     learner: Annotated[str, typer.Option(help="learner name")],
     version: Annotated[str | None, typer.Option(help="registered version [default: the alias's]")] = None,
     alias: Annotated[str, typer.Option(help="alias to export when no version is given")] = "champion",
     fp16: Annotated[bool, typer.Option(help="half-precision weights and compute (looser parity bound)")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    opset: Annotated[int, typer.Option(min=OPSETS[0], max=OPSETS[1], help="ONNX opset")] = 18,
     out: Annotated[
         Path | None, typer.Option(help="output folder [default: .strata/exports/<learner>/v<version>]")
     ] = None,
@@ -37,11 +40,11 @@ def export(
     from strata.flows.export import ExportParams
     from strata.flows.export import export as export_flow
 
-    hw = tuple(int(v) for v in with_preprocess.lower().split("x")) if with_preprocess else None
+    hw = _size_option(with_preprocess, "--with-preprocess") if with_preprocess else None
     report = export_flow(
         ExportParams(
             learner=learner,
-            version=version,
+            version=_registered_version(learner, version, alias, workspace),
             alias=alias,
             fp16=fp16,
             opset=opset,
@@ -60,7 +63,6 @@ def export(
 
 
 @app.command()
-@user_errors
 def serve(
     learner: Annotated[str | None, typer.Option(help="serve this learner's alias (exported on first use)")] = None,
     alias: Annotated[str, typer.Option(help="registry alias to follow; the server reloads when it moves")] = "champion",
@@ -70,10 +72,15 @@ def serve(
     host: Annotated[
         str, typer.Option(help="bind address; other than loopback needs STRATA_SERVE_API_KEY")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
     poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often to look for a new model version")] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="most images run together in one session.run")] = 32,
-    workspace: WorkspaceOption = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option(
+            "--workspace", "-w", help="workspace of --learner [default: the one containing the current directory]"
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: POST /predict (images or a JSON tensor), GET /model, GET /health.
 
@@ -81,15 +88,18 @@ def serve(
     """
     from strata.tasks.serving.app import ServeConfig
     from strata.tasks.serving.server import serve as run_server
-    from strata.tasks.serving.sources import ExportDirSource
+    from strata.tasks.serving.sources import ExportDirSource, ModelSource
 
     if (learner is None) == (model_dir is None):
         raise typer.BadParameter("give either --learner (and --alias) or --model-dir")
+    source: ModelSource
     if learner is not None:
         from strata.flows.export import registry_source
 
+        require_workspace(workspace)
         source = registry_source(learner, alias, str(workspace) if workspace else None)
     else:
+        assert model_dir is not None  # exactly one of the two was given
         source = ExportDirSource(model_dir)
     config = ServeConfig(poll_seconds=poll_seconds, max_batch=max_batch, max_images=max_batch)
     run_server(source, host, port, config)

@@ -2,21 +2,22 @@
 
 Under the learner's lease (two runs of one learner never overlap), for every pending version in
 ingestion order: load the last good state → train the new task → evaluate on the test splits of all
-learned batches → write the state → log to MLflow and register a version → gate → commit the
-increment in the ledger → move the aliases. A step that raises marks the increment failed and leaves
-the ledger's last good state and the ``champion`` alias untouched; the next ``learn`` retries it.
+learned batches → write the state → gate → log to MLflow and register a version → commit the
+increment in the ledger → move the aliases. The ledger, MLflow and registry writes, in that order, are
+``strata.tasks.tracking.recorder``'s. A step that raises marks the increment failed and leaves the
+ledger's last good state and the ``champion`` alias untouched; the next ``learn`` retries it.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import mlflow
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -33,26 +34,25 @@ from strata.tasks.data.materialise import materialise
 from strata.tasks.ledger.increments import (
     LearnedTask,
     configure_learner,
-    fail_increment,
     fail_interrupted_increments,
-    finish_increment,
     learned_tasks,
     pending_versions,
-    record_promotion,
-    start_increment,
 )
 from strata.tasks.ledger.migrate import migrated_engine
-from strata.tasks.ledger.store import LEARNER_NAME, learner_lease, ledger_session, process_holder
+from strata.tasks.ledger.store import LEARNER_NAME, Learner, learner_lease, ledger_session, process_holder
 from strata.tasks.orchestration.artifacts import TrainingProgress, accuracy_table, increment_summary
 from strata.tasks.orchestration.gpu_slots import gpu_slots
 from strata.tasks.tracking import promotion, runs
-from strata.tasks.tracking.reports import write_report
-from strata.tasks.training.feature_cache import DiskFeatureCache
+from strata.tasks.tracking.figures import IncrementMetrics, LearnerFigures
+from strata.tasks.tracking.recorder import IncrementRecord, IncrementRecorder, RecordedIncrement, RecorderScope, Step
+from strata.tasks.tracking.reports import CURVE_FILE, MATRIX_FILE, write_report
+from strata.tasks.training.feature_cache import DiskFeatureCache, features_folder
 from strata.tasks.training.launcher import TrainJob, train_on_processes
 from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
 from strata.tasks.workspace.setup import find_workspace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LearnParams(BaseModel):
@@ -79,28 +79,85 @@ class LearnParams(BaseModel):
     show_progress: bool = True
 
 
-@dataclass(frozen=True)
-class PendingVersion:
+class LearnerSpec(BaseModel):
+    """How a learner learns: method, backbone and method-config overrides as the ledger fixed them at its first
+    learn, and the backbone weights file this call loads."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str
+    backbone: str
+    weights: str | None
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, learner: Learner, weights: str | None) -> LearnerSpec:
+        """From the ledger's row, whose method and backbone ``configure_learner`` has fixed, and the call's weights."""
+        return cls.model_validate(
+            {
+                "method": learner.method,
+                "backbone": learner.backbone,
+                "weights": weights,
+                "config": learner.method_config,
+            }
+        )
+
+    def build(self) -> Method:
+        return create_method(self.method, build_backbone(self.backbone, self.weights), overrides=self.config)
+
+
+class PendingVersion(BaseModel):
+    """A data version the learner has not learned yet, as read from the ledger under the lease."""
+
+    model_config = ConfigDict(frozen=True)
+
     id: int
     batch_id: str
     md5: str
     git_rev: str
     path: str
 
+    def data_input(self, workspace: Path) -> runs.DataInput:
+        return runs.DataInput(uri=str(workspace / self.path), name=self.batch_id, md5=self.md5, git_rev=self.git_rev)
+
+
+class LearnerBacklog(BaseModel):
+    """The learner as the ledger holds it under the lease: its id and spec, what it learned, what is pending."""
+
+    model_config = ConfigDict(frozen=True)
+
+    learner_id: int
+    spec: LearnerSpec
+    history: list[LearnedTask]
+    pending: list[PendingVersion]
+
+
+class LearnedVersion(BaseModel):
+    batch_id: str
+    accuracy: float
+    promoted: bool
+
+
+class LearnResult(BaseModel):
+    """What ``learn`` returns (as a dict): the versions learned by this call and the learner's task count."""
+
+    learner: str
+    learned: list[LearnedVersion]
+    tasks: int
+
 
 @dataclass
 class Learning:
-    """Everything one invocation carries from increment to increment."""
+    """Everything one invocation carries from increment to increment; only the flow's own code changes it."""
 
     settings: StrataSettings
     params: LearnParams
-    learner: str
-    learner_id: int
+    spec: LearnerSpec
     method: Method
     engine: Engine
     history: list[LearnedTask]
     datasets: list[LabelledDataset]
-    parent_run_id: str = ""
+    recorder: IncrementRecorder
 
 
 @task(name="materialise", retries=2, retry_delay_seconds=2, cache_policy=NONE)
@@ -110,34 +167,36 @@ def materialise_version(settings: StrataSettings, batch_id: str) -> LabelledData
 
 
 @task(name="train", cache_policy=NONE)
-def train(run: Learning, stream: Stream) -> list[float]:
-    """Learn the stream's newest task (never retried: a failure here is a bug or bad data).
+def train(run: Learning, stream: Stream) -> tuple[Method, list[float]]:
+    """Learn the stream's newest task (never retried: a failure here is a bug or bad data); returns the trained
+    method and its losses per epoch.
 
     Holds one slot of the ``gpu`` global concurrency limit (``strata deploy --gpu-slots``) per training
     process, so scheduled and triggered runs of different learners share the accelerators; no limit, no
     wait. With ``processes`` > 1 the task is trained data-parallel by that many processes
-    (``strata.tasks.training.launcher``) and the flow goes on from the state they wrote.
+    (``strata.tasks.training.launcher``) and the method comes back rebuilt from the state they wrote.
     """
     processes = run.params.processes
     with gpu_slots(processes):
         if processes == 1:
-            return run.method.learn(stream.tasks[-1], run.engine)
+            losses = run.method.learn(stream.tasks[-1], run.engine)
+            return run.method, losses
         with tempfile.TemporaryDirectory(prefix="strata-trained-") as scratch:
             job = TrainJob(
                 task=stream.tasks[-1],
                 method=run.method.name,
                 backbone=run.method.backbone.info.name,
                 out=scratch,
-                weights=run.params.weights,
+                weights=run.spec.weights,
                 config=run.method.config.model_dump(mode="json"),
                 state=run.history[-1].checkpoint_uri if run.history else None,
                 seed=run.params.seed,
                 device=run.engine.device.type,
-                feature_cache=str(run.engine.feature_cache.folder),
+                feature_cache=str(features_folder(run.settings)),
             )
-            run.method, losses = train_on_processes(job, processes)
-        run.method.to(run.engine.device)
-        return losses
+            method, losses = train_on_processes(job, processes)
+        method.to(run.engine.device)
+        return method, losses
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -150,165 +209,80 @@ def save_state(method: Method, directory: Path) -> Path:
     return method.save_state(directory)
 
 
-@task(name="track-and-register", retries=1, retry_delay_seconds=2, cache_policy=NONE)
-def track_and_register(
-    run: Learning,
-    task_index: int,
-    version: PendingVersion,
-    summary: dict,
-    losses: list[float],
-    decision: promotion.GateDecision,
-    state_dir: Path,
-    files: list[Path],
-) -> tuple[str, str]:
-    """Child run with params, metrics at step t, data input, plots, state; then one registered version."""
-    client = runs.configure(run.settings)
-    name = runs.model_name(run.learner)
-    method = run.method
-    tags = {
-        "strata.learner": run.learner,
-        "strata.task_index": str(task_index),
-        "strata.batch_id": version.batch_id,
-        "strata.dvc_md5": version.md5,
-        "strata.git_rev": version.git_rev,
-        "strata.prefect_flow_run_id": str(flow_run.get_id() or ""),
-        "strata.parent_version": run.history[-1].model_version if run.history else "",
-        "strata.gate": "pass" if decision.promote else "fail",
-    }
-    params = {
-        "method": method.name,
-        "config": method.config.model_dump(mode="json"),
-        "backbone": method.backbone.info.name,
-        "backbone_source": method.backbone.info.source,
-        "weights_fingerprint": method.backbone.info.fingerprint,
-        "seed": run.params.seed,
-    }
-    data = {
-        "uri": str(run.settings.workspace / version.path),
-        "name": version.batch_id,
-        "md5": version.md5,
-        "git_rev": version.git_rev,
-    }
-    recorded = {t.model_version for t in run.history if t.model_version}
-    # explicit parent and experiment: Prefect may run this task on another thread than the flow's, and
-    # MLflow's active-run stack is per thread
-    parent = client.get_run(run.parent_run_id)
-    with mlflow.start_run(
-        experiment_id=parent.info.experiment_id,
-        parent_run_id=run.parent_run_id,
-        nested=True,
-        run_name=f"task {task_index} ({version.batch_id})",
-    ) as child:
-        runs.log_increment(task_index, params, summary, losses, tags, data, files, state_dir)
-        mlflow.log_dict({"promote": decision.promote, "reasons": decision.reasons}, "gate.json")
-        stale = promotion.remove_unrecorded_versions(client, name, task_index, recorded)
-        if stale:
-            logger.warning(
-                "removed versions %s of %s left by an interrupted attempt at task %d", stale, name, task_index
-            )
-        size = method.backbone.image_size
-        example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
-        registered = runs.log_and_register(
-            run.learner,
-            state_dir,
-            example,
-            method.class_names,
-            run.params.weights,
-            tags={
-                "strata.task_index": str(task_index),
-                "strata.batch_id": version.batch_id,
-                "strata.dvc_md5": version.md5,
-                "strata.classes": ",".join(method.class_names)[:5000],
-            },
-        )
-        run_id = child.info.run_id
-    runs.log_parent_metrics(client, run.parent_run_id, task_index, summary)
-    return run_id, registered
+def run_as_task(step: Step, write: Callable[..., T], /, *args: Any) -> T:
+    """The recorder's retriable steps run as Prefect tasks: retried, and shown in the flow run by name."""
+    return task(name=step.name, retries=step.retries, retry_delay_seconds=2, cache_policy=NONE)(write)(*args)
 
 
-@task(name="move-aliases", retries=2, retry_delay_seconds=2, cache_policy=NONE)
-def move_aliases(run: Learning, version: str, decision: promotion.GateDecision) -> None:
-    """``candidate`` always; ``champion`` only when the gate passed (recorded in the ledger)."""
-    client = runs.configure(run.settings)
-    name = runs.model_name(run.learner)
-    promotion.set_alias(client, name, promotion.CANDIDATE, version)
-    if decision.promote:
-        promotion.set_alias(client, name, promotion.CHAMPION, version)
-        db = migrated_engine(run.settings.ledger_url)
-        try:
-            record_promotion(
-                db, run.learner_id, version, decision.champion_version, "gate", "; ".join(decision.reasons)
-            )
-        finally:
-            db.dispose()
-
-
-def champion_figures(run: Learning) -> tuple[str | None, int | None, float | None]:
-    """(version, task index, A_t) of the current champion, from the registry alias and the ledger."""
-    client = runs.configure(run.settings)
-    version = promotion.alias_version(client, runs.model_name(run.learner), promotion.CHAMPION)
-    for learned in run.history:
-        if learned.model_version == version:
-            return version, learned.task_index, learned.metrics["accuracy"]
-    return version, None, None
-
-
-def learn_increment(run: Learning, version: PendingVersion) -> dict[str, Any]:
-    """One increment; returns its ledger metrics."""
-    run.datasets.append(materialise_version(run.settings, version.batch_id))
-    stream = stream_from_batches(run.learner, run.datasets)
+def learn_task(run: Learning, stream: Stream, version: PendingVersion, folder: Path) -> IncrementRecord:
+    """Train the stream's newest task, evaluate all learned ones, save the state, write the report, gate."""
     new = stream.tasks[-1]
-    db = migrated_engine(run.settings.ledger_url)
-    increment_id = start_increment(db, run.learner_id, new.index, version.id)
-    try:
-        run.engine.on_epoch_end = TrainingProgress(run.learner, new.index)
-        losses = train(run, stream)
-        row = evaluate_seen(run.method, stream, run.engine)
-        sizes = [len(t.test) for t in stream.tasks]
-        summary = summarize(accuracy_matrix([t.metrics["row"] for t in run.history] + [row]), np.array(sizes))
-        folder = run.settings.state_dir / "increments" / run.learner / f"task-{new.index:03d}"
-        state_dir = save_state(run.method, folder / "state")
-        report = write_report(
-            folder / "report",
-            {**summary, "method": run.method.name, "learner": run.learner},
-            f"{run.learner} ({run.method.name}) after task {new.index}",
-        )
-        decision = promotion.decide(run.params.gate, row, sizes, summary["accuracy"][new.index], *champion_figures(run))
-        run_id, registered = track_and_register(
-            run, new.index, version, summary, losses, decision, state_dir, list(report.values())
-        )
-        metrics = {
-            "row": row,
-            "test_sizes": sizes,
-            "accuracy": summary["accuracy"][new.index],
-            "average_incremental_accuracy": summary["average_incremental_accuracy"],
-            "forgetting": summary["forgetting"][new.index],
-            "train_losses": losses,
-            "gate": decision.reasons,
-            "promoted": decision.promote,
-        }
-        finish_increment(
-            db, increment_id, list(new.class_names), new.num_old, str(state_dir), metrics, run_id, registered
-        )
-    except BaseException as exc:
-        fail_increment(db, increment_id, f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        db.dispose()
-    run.history.append(LearnedTask(new.index, version.batch_id, str(state_dir), metrics, registered, run_id))
-    move_aliases(run, registered, decision)
-    accuracy_table(run.learner, summary)
-    increment_summary(
-        run.learner,
-        new.index,
-        summary,
-        decision.reasons,
-        decision.promote,
-        registered,
-        f"run {run_id} in {redact_url(run.settings.mlflow_tracking_uri)}",
-        [report["curve"], report["matrix"]],
+    run.engine.on_epoch_end = TrainingProgress(run.params.learner, new.index)
+    run.method, losses = train(run, stream)
+    row = evaluate_seen(run.method, stream, run.engine)
+    sizes = [len(t.test) for t in stream.tasks]
+    rows = [IncrementMetrics.model_validate(t.metrics).row for t in run.history] + [row]
+    figures = LearnerFigures.model_validate(summarize(accuracy_matrix(rows), np.array(sizes)))
+    state_dir = save_state(run.method, folder / "state")
+    report = write_report(
+        folder / "report",
+        {**figures.model_dump(), "method": run.method.name, "learner": run.params.learner},
+        f"{run.params.learner} ({run.method.name}) after task {new.index}",
     )
-    return metrics
+    candidate = promotion.CandidateFigures(row=row, test_sizes=figures.test_sizes, accuracy=figures.accuracy[new.index])
+    champion = promotion.champion_figures(
+        runs.configure(run.settings), runs.model_name(run.params.learner), run.history
+    )
+    backbone = run.method.backbone
+    return IncrementRecord(
+        task_index=new.index,
+        data=version.data_input(run.settings.workspace),
+        new_classes=list(new.class_names),
+        first_class_id=new.num_old,
+        history=run.history,
+        params=runs.MethodParams(
+            method=run.method.name,
+            config=run.method.config.model_dump(mode="json"),
+            backbone=backbone.info.name,
+            backbone_source=backbone.info.source,
+            weights_fingerprint=backbone.info.fingerprint,
+            seed=run.params.seed,
+        ),
+        row=row,
+        figures=figures,
+        losses=losses,
+        decision=promotion.decide(run.params.gate, candidate, champion),
+        report=list(report.values()),
+        model=runs.ModelPackage(
+            state_dir=state_dir,
+            class_names=list(run.method.class_names),
+            image_size=backbone.image_size,
+            weights=run.spec.weights,
+        ),
+    )
+
+
+def learn_increment(run: Learning, version: PendingVersion) -> RecordedIncrement:
+    """One increment, learned and recorded (``IncrementRecorder.record``), then shown in the Prefect UI."""
+    run.datasets.append(materialise_version(run.settings, version.batch_id))
+    stream = stream_from_batches(run.params.learner, run.datasets)
+    index = stream.tasks[-1].index
+    folder = run.settings.state_dir / "increments" / run.params.learner / f"task-{index:03d}"
+    recorded = run.recorder.record(index, version.id, lambda: learn_task(run, stream, version, folder))
+    run.history.append(recorded.learned_task())
+    record = recorded.record
+    accuracy_table(run.params.learner, record.figures.model_dump())
+    increment_summary(
+        run.params.learner,
+        index,
+        record.figures.model_dump(),
+        record.decision.reasons,
+        record.decision.promote,
+        recorded.version,
+        f"run {recorded.run_id} in {redact_url(run.settings.mlflow_tracking_uri)}",
+        [folder / "report" / CURVE_FILE, folder / "report" / MATRIX_FILE],
+    )
+    return recorded
 
 
 @flow(name="learn")
@@ -325,69 +299,61 @@ def learn(params: LearnParams) -> dict[str, Any]:
             with ledger_session(db) as session:  # read again under the lease: another run may have learned
                 learner = configure_learner(session, params.learner, params.method, params.backbone, params.config)
                 interrupted = fail_interrupted_increments(session, learner)
-                method_name, backbone_name, config = learner.method, learner.backbone, dict(learner.method_config)
-                history = learned_tasks(session, learner)
-                pending = [
-                    PendingVersion(v.id, v.batch_id, v.md5, v.git_rev, v.path)
-                    for v in pending_versions(session, learner)
-                ]
+                backlog = LearnerBacklog(
+                    learner_id=learner_id,
+                    spec=LearnerSpec.of(learner, params.weights),
+                    history=learned_tasks(session, learner),
+                    pending=[
+                        PendingVersion(id=v.id, batch_id=v.batch_id, md5=v.md5, git_rev=v.git_rev, path=v.path)
+                        for v in pending_versions(session, learner)
+                    ],
+                )
             if interrupted:
                 logger.warning(
                     "learner %s: tasks %s were left running by a run that died; learning them again",
                     params.learner,
                     interrupted,
                 )
-            if not pending:
+            if not backlog.pending:
                 logger.info("learner %s has nothing new to learn", params.learner)
-                return {"learner": params.learner, "learned": [], "tasks": len(history)}
-            return _learn_pending(settings, params, learner_id, method_name, backbone_name, config, history, pending)
+                return LearnResult(learner=params.learner, learned=[], tasks=len(backlog.history)).model_dump()
+            return _learn_pending(settings, params, backlog).model_dump()
     finally:
         db.dispose()
 
 
-def _learn_pending(
-    settings: StrataSettings,
-    params: LearnParams,
-    learner_id: int,
-    method_name: str,
-    backbone_name: str,
-    config: dict,
-    history: list[LearnedTask],
-    pending: list[PendingVersion],
-) -> dict[str, Any]:
+def _learn_pending(settings: StrataSettings, params: LearnParams, backlog: LearnerBacklog) -> LearnResult:
     seed_everything(params.seed)
-    method = create_method(method_name, build_backbone(backbone_name, params.weights), overrides=config)
-    if history:
-        method.load_state(history[-1].checkpoint_uri)
+    method = backlog.spec.build()
+    if backlog.history:
+        method.load_state(backlog.history[-1].checkpoint_uri)
     engine = Engine(
         params.device or settings.device or None,
         seed=params.seed,
         show_progress=params.show_progress,
-        feature_cache=DiskFeatureCache(settings.state_dir / "cache" / "features"),
+        feature_cache=DiskFeatureCache(features_folder(settings)),
     )
-    run = Learning(
-        settings,
-        params,
-        params.learner,
-        learner_id,
-        method,
-        engine,
-        history,
-        [materialise_version(settings, t.batch_id) for t in history],
-    )
+    datasets = [materialise_version(settings, t.batch_id) for t in backlog.history]
     client = runs.configure(settings)
     if killed := runs.end_interrupted_runs(client, params.learner):
         logger.warning(
             "marked MLflow runs %s of learner %s KILLED: their learn ended without closing them", killed, params.learner
         )
+    flow_run_id = str(flow_run.get_id() or "")
     learned = []
-    with runs.learn_run(
-        client, settings, params.learner, {"strata.prefect_flow_run_id": str(flow_run.get_id() or "")}
-    ) as parent_run_id:
-        run.parent_run_id = parent_run_id
-        for version in pending:
-            metrics = learn_increment(run, version)
+    with runs.learn_run(client, settings, params.learner, {"strata.prefect_flow_run_id": flow_run_id}) as parent_run_id:
+        scope = RecorderScope(
+            learner=params.learner, learner_id=backlog.learner_id, parent_run_id=parent_run_id, flow_run_id=flow_run_id
+        )
+        recorder = IncrementRecorder(settings, scope, runs.log_and_register, run_as_task)
+        run = Learning(settings, params, backlog.spec, method, engine, list(backlog.history), datasets, recorder)
+        for version in backlog.pending:
+            recorded = learn_increment(run, version)
             learned.append(
-                {"batch_id": version.batch_id, "accuracy": metrics["accuracy"], "promoted": metrics["promoted"]}
+                LearnedVersion(
+                    batch_id=version.batch_id,
+                    accuracy=recorded.record.metrics().accuracy,
+                    promoted=recorded.record.decision.promote,
+                )
             )
-    return {"learner": params.learner, "learned": learned, "tasks": len(run.history)}
+    return LearnResult(learner=params.learner, learned=learned, tasks=len(run.history))

@@ -31,7 +31,10 @@ def run_online() -> None:
     if connection is not None:
         run_with(connection)
         return
-    engine = make_engine(context.config.get_main_option("sqlalchemy.url"))
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise SystemExit("Strata's ledger migrations need the ledger's URL, which strata db upgrade passes")
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             run_with(connection)

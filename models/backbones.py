@@ -18,6 +18,8 @@ from safetensors.torch import load_file as load_safetensors
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from strata.models.errors import UserError
+
 DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 
 # Small randomly initialised ViTs for tests and demos, registered by name like timm's models.
@@ -35,7 +37,7 @@ SAVE_WEIGHTS_HINT = (
 )
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone cannot be built as asked; the message says how to fix it."""
 
 
@@ -64,7 +66,10 @@ class Backbone(nn.Module):
     """A frozen ViT with timm's ``forward_features``/``forward_head`` split.
 
     ``forward_features`` returns all tokens after the final norm; ``forward_head`` picks the CLS
-    token. PET modules attach to ``self.vit.blocks`` by wrapping or hooking, never by copying.
+    token. The same forward in pieces — ``embed``, ``run_blocks`` over any range of blocks,
+    ``final_feature`` — lets a method run shared early blocks once (LAE's two experts) without
+    reaching into timm's private methods. PET modules attach to ``self.vit`` by wrapping or
+    hooking, never by copying.
     """
 
     def __init__(self, vit: VisionTransformer, info: BackboneInfo):
@@ -86,6 +91,20 @@ class Backbone(nn.Module):
     def image_size(self) -> int:
         return self.info.image_size
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tokens entering block 0: patch embedding, CLS token and position embedding (timm's
+        ``_pos_embed``), then patch dropout and the pre-norm, exactly as ``forward_features`` starts."""
+        vit = self.vit
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+
+    def run_blocks(self, tokens: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks ``start`` to ``stop`` (exclusive; None runs to the last) applied to ``tokens``."""
+        return self.vit.blocks[start:stop](tokens)
+
+    def final_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The feature of the last block's output tokens: the CLS token after the final LayerNorm."""
+        return self.forward_head(self.vit.norm(tokens))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_features(x)
 
@@ -94,11 +113,6 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def available_backbones() -> list[str]:
-    """Strata's own tiny names plus every ViT that timm can build."""
-    return sorted(TINY_BACKBONES) + timm.list_models("vit_*", pretrained=True)
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -129,9 +143,10 @@ def build_backbone(
     else:
         if not timm.is_model(name.split(".")[0]):
             raise BackboneError(_unknown_backbone_message(name))
-        vit = timm.create_model(name, pretrained=False, num_classes=0)
-        if not isinstance(vit, VisionTransformer):
+        created = timm.create_model(name, pretrained=False, num_classes=0)
+        if not isinstance(created, VisionTransformer):
             raise BackboneError(f"backbone {name!r} is not a VisionTransformer; Strata adapts timm ViTs only")
+        vit = created
         if weights is not None:
             _load_weights_file(vit, Path(weights), name)
             source = f"file:{weights}"
@@ -190,6 +205,7 @@ def _load_weights_file(vit: VisionTransformer, path: Path, name: str) -> None:
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise BackboneError(f"weights file {path} has suffix {suffix!r}; expected one of {WEIGHT_SUFFIXES}")
+    state: object  # whatever the file holds; checked below to be a flat tensor state dict
     try:
         if suffix == ".npz":
             vit.load_pretrained(str(path))  # timm's reader of the original JAX checkpoints

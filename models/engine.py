@@ -6,42 +6,33 @@ freeze schedule), which batches an epoch sees (OVOR's cached-feature VOR epochs)
 each optimizer step (LAE's EMA). The engine owns the optimizer, the schedule, batching, bf16
 autocast on GPU and progress reporting.
 
-Data-parallel training: when ``torch.distributed`` is initialised (``torchrun`` starts the processes and
-``init_distributed`` joins them), every process trains on its share of each global batch and the
-gradients are averaged across processes before each optimizer step, weighted by the samples each
-process saw. That is the step one process would take on the whole global batch, so N processes end
-with the parameters of one (up to float summation order). DistributedDataParallel itself is not used:
-a method's loss is not one module's forward, so the engine does DDP's all-reduce itself, once per step
-over one flattened buffer. The global batch is split by one sampler (``GlobalBatchSampler``) that also
-serves the single-process case.
+Data-parallel training under ``torchrun`` (see :mod:`strata.models.distributed`): every process trains
+on its share of each global batch and the gradients are averaged across processes before each optimizer
+step, so N processes take the steps one process would take on the whole batch.
 
-Frozen-feature extraction (``Engine.extract``) can be served from a :class:`FeatureCache` when the
-caller gives a content key (see ``Method.feature_cache_key``): the engine adds what else decides the
-result (device, batch size and, for random transforms, the seed, the workers and torch's RNG state) and
-never keys by object identity. ``models`` only defines the protocol; the disk store is in ``tasks``.
+Frozen-feature extraction (``Engine.extract``) can be served from a
+:class:`~strata.models.features.FeatureCache` when the caller gives a content key (see
+:mod:`strata.models.features`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-logger = logging.getLogger(__name__)
+from strata.models.distributed import GlobalBatchSampler, average_gradients, default_device, world
+from strata.models.features import FeatureCache, extraction_key, load_features, store_features
 
 
 class OptimizerConfig(BaseModel):
@@ -133,90 +124,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class FeatureCache(Protocol):
-    """A content-keyed store of extracted features: ``{"features", "labels"[, "rng_after"]}`` per key.
-
-    ``get`` returns None for a key it does not hold or cannot read (the engine then recomputes).
-    """
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None: ...
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
-    return torch.device("cpu")
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes) of the data-parallel group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    """True in the one process that writes reports and checkpoints (rank 0, or the only process)."""
-    return world()[0] == 0
-
-
-def init_distributed() -> bool:
-    """Join the process group ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU).
-
-    Returns whether this process is one of several; without ``WORLD_SIZE`` > 1 it does nothing.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return True
-
-
-class GlobalBatchSampler(Sampler[int]):
-    """Indices of this process's share of every global batch of one epoch.
-
-    One seeded permutation per epoch, cut into global batches of ``batch_size``; each global batch is cut
-    into ``world_size`` contiguous shares, the first ones one larger when it does not divide evenly. With
-    one process it is the whole batch, so one sampler serves both cases and N processes see exactly the
-    samples one process sees. A last global batch smaller than the number of processes is dropped when
-    there are several (a process with nothing would stall the all-reduce), as is any partial batch with
-    ``drop_last``.
-    """
-
-    def __init__(
-        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
-    ):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def local_batches(self) -> list[list[int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        batches = []
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = order[start : start + self.batch_size].tolist()
-            share, extra = divmod(len(batch), self.world_size)
-            first = self.rank * share + min(self.rank, extra)
-            batches.append(batch[first : first + share + (self.rank < extra)])
-        return batches
-
-    def __iter__(self):
-        return iter(self.local_batches())
-
-    def __len__(self) -> int:
-        """Global batches per epoch: the full ones, and the partial one unless it is dropped."""
-        full, partial = divmod(self.size, self.batch_size)
-        return full + (partial > 0 and not self.drop_last and partial >= self.world_size)
-
-
 class Engine:
     """Runs training and batched inference for any method on one device."""
 
@@ -253,19 +160,23 @@ class Engine:
             persistent_workers=self.num_workers > 0,
         )
 
-    def training_loader(self, dataset: Dataset, config: TrainConfig, seed_offset: int) -> DataLoader:
-        """This process's share of each global batch (all of it with one process), reshuffled per epoch."""
+    def training_loader(
+        self, dataset: Dataset, config: TrainConfig, seed_offset: int
+    ) -> tuple[DataLoader, GlobalBatchSampler]:
+        """This process's share of each global batch (all of it with one process), and the batch sampler
+        that the caller moves to each epoch (``set_epoch``) so that every epoch is reshuffled."""
         rank, size = world()
         sampler = GlobalBatchSampler(
-            len(dataset), config.batch_size, self.seed + seed_offset, rank, size, drop_last=config.drop_last
+            dataset_size(dataset), config.batch_size, self.seed + seed_offset, rank, size, drop_last=config.drop_last
         )
-        return DataLoader(
+        loader = DataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.num_workers > 0,
         )
+        return loader, sampler
 
     def autocast(self, enabled: bool = True):
         if enabled and self.device.type == "cuda":
@@ -279,7 +190,7 @@ class Engine:
             return []
         optimizer = make_optimizer(params, config.optimizer)
         opt = config.optimizer
-        loader = self.training_loader(dataset, config, seed_offset=task_index)
+        loader, sampler = self.training_loader(dataset, config, seed_offset=task_index)
         if isinstance(hooks, nn.Module):
             hooks.train()
         losses = []
@@ -288,7 +199,7 @@ class Engine:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             hooks.on_epoch_start(epoch)
-            loader.batch_sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             total, count = 0.0, 0
             batches = hooks.epoch_batches(epoch, loader)
             bar = tqdm(
@@ -334,83 +245,35 @@ class Engine:
         then also holds that RNG's state, the seed and the workers, and a hit restores the RNG state the
         computation would have left, so that everything after it runs exactly as without the cache.
         """
-        key = self._full_cache_key(cache_key, batch_size, random_transform)
-        if key is not None:
-            hit = self._cached(key, len(dataset), random_transform)  # type: ignore[arg-type]
+        cache, key = self.feature_cache, None
+        if cache is not None and cache_key:
+            key = extraction_key(cache_key, self.device, batch_size, random_transform, self.seed, self.num_workers)
+            hit = load_features(cache, key, dataset_size(dataset), random_transform)
             if hit is not None:
                 self.cache_hits += 1
                 return hit
             self.cache_misses += 1
-        outputs, labels = [], []
-        for inputs, targets in tqdm(
+        outputs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        for inputs, batch_targets in tqdm(
             self.loader(dataset, batch_size), desc="inference", leave=False, disable=not self.show_progress
         ):
             outputs.append(fn(inputs.to(self.device)).float().cpu())
-            labels.append(targets)
+            targets.append(batch_targets)
         if not outputs:
             raise ValueError("cannot run inference on an empty dataset")
-        features, labels = torch.cat(outputs), torch.cat(labels)
-        if key is not None:
-            entry = {"features": features, "labels": labels}
-            if random_transform:
-                entry["rng_after"] = torch.get_rng_state()
-            try:
-                self.feature_cache.put(key, entry)  # type: ignore[union-attr]
-            except Exception as exc:  # a cache that cannot store must not fail the training
-                logger.warning("could not store features under %s: %s: %s", key[:12], type(exc).__name__, exc)
+        features, labels = torch.cat(outputs), torch.cat(targets)
+        if cache is not None and key is not None:
+            store_features(cache, key, features, labels, random_transform)
         return features, labels
 
-    def _full_cache_key(self, cache_key: str | None, batch_size: int, random_transform: bool) -> str | None:
-        if self.feature_cache is None or not cache_key:
-            return None
-        digest = hashlib.sha256()
-        for part in (cache_key, self.device.type, str(batch_size), str(random_transform)):
-            digest.update(part.encode() + b"\0")
-        if random_transform:
-            digest.update(f"{self.seed}\0{self.num_workers}\0".encode())
-            digest.update(torch.get_rng_state().numpy().tobytes())
-        return digest.hexdigest()
 
-    def _cached(self, key: str, size: int, random_transform: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self.feature_cache.get(key)  # type: ignore[union-attr]
-        if entry is None:
-            return None
-        features, labels = entry.get("features"), entry.get("labels")
-        rng_after = entry.get("rng_after")
-        if (
-            features is None
-            or labels is None
-            or features.ndim != 2
-            or len(features) != size
-            or len(labels) != size
-            or (random_transform and (rng_after is None or rng_after.dtype != torch.uint8))
-        ):
-            logger.warning("ignoring the cached features %s: they do not match this extraction", key[:12])
-            return None
-        if random_transform:
-            torch.set_rng_state(rng_after)
-        return features.float(), labels.long()
-
-
-def average_gradients(params: list[nn.Parameter], count: int) -> None:
-    """Replace each process's mean-loss gradients by the global batch's: Σ_r n_r·g_r / Σ_r n_r.
-
-    One all-reduce of one flat buffer per step. Parameters without a gradient (frozen this epoch on
-    every process alike) are left without one, so the optimizer skips them as it would with one process.
-    """
-    if world()[1] == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat(
-        [g.reshape(-1) * count for g in grads] + [grads[0].new_tensor([float(count)])]
-        if grads
-        else [torch.tensor([float(count)])]
-    )
-    dist.all_reduce(flat)
-    offset, total = 0, flat[-1]
-    for grad in grads:
-        grad.copy_((flat[offset : offset + grad.numel()] / total).view_as(grad))
-        offset += grad.numel()
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a map-style dataset. torch's ``Dataset`` does not declare ``__len__``, but
+    training batches and cached extraction need it; without one, ``len`` would fail the same way."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"object of type {type(dataset).__name__!r} has no len(): a map-style dataset is needed")
+    return len(dataset)
 
 
 def _length(batches: Iterable) -> int | None:

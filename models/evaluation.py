@@ -27,9 +27,9 @@ def evaluate(method: Method, tasks: Sequence[Task], engine: Engine) -> Evaluatio
     accuracies, all_labels, all_predictions = [], [], []
     method.eval()
     for task in tasks:
-        logits, labels = engine.extract(method, task.test.with_transform(transform), method.config.eval_batch_size)
+        logits, targets = engine.extract(method, task.test.with_transform(transform), method.config.eval_batch_size)
         predictions = logits.argmax(dim=1).numpy()
-        labels = labels.numpy()
+        labels = targets.numpy()
         accuracies.append(float((predictions == labels).mean()))
         all_labels.append(labels)
         all_predictions.append(predictions)

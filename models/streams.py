@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from strata.models.errors import UserError
+
 ImageSource = str | Path | np.ndarray  # a file path, or an HxW / HxWxC uint8 array
 
 
-class StreamError(ValueError):
+class StreamError(UserError, ValueError):
     """A stream cannot be built from this data; the message names the problem."""
 
 
@@ -30,7 +32,7 @@ class LabelledImages(Dataset):
     def __init__(
         self,
         images: Sequence[ImageSource],
-        labels: Sequence[int],
+        labels: Sequence[int] | np.ndarray,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ):
         if len(images) != len(labels):
@@ -42,7 +44,8 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
+        """The transformed image (the decoded PIL image when there is no transform) and its label."""
         image = load_image(self.images[index])
         pixels = self.transform(image) if self.transform is not None else image
         return pixels, int(self.labels[index])
@@ -185,7 +188,8 @@ def split_by_classes(
 
 def stream_from_batches(name: str, batches: Sequence[LabelledDataset]) -> Stream:
     """One task per batch, in the given order (the data team's ingested batches)."""
-    tasks, names = [], []
+    tasks: list[Task] = []
+    names: list[str] = []
     for index, batch in enumerate(batches):
         clash = set(batch.class_names) & set(names)
         if clash:

@@ -1,7 +1,5 @@
 """APER/ADAM: PET mechanisms (AdaptFormer, VPT, SSF), the merge, prototypes, state and export."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
@@ -27,8 +25,7 @@ def _randomise(module: torch.nn.Module, std: float = 0.05) -> None:
 
 
 def _tokens(backbone, x):
-    vit = backbone.vit
-    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    return backbone.embed(x)
 
 
 # -- PET mechanisms ------------------------------------------------------------------------------
@@ -36,7 +33,7 @@ def test_adapter_with_zero_up_projection_leaves_features_unchanged(tiny_backbone
     backbone = tiny_backbone_factory()
     adapter = AdaptFormer(backbone).train()  # dropout active: still an exact no-op at init
     x = torch.rand(3, 3, 32, 32)
-    with attached(partial(adapter.attach, backbone)):
+    with attached(backbone, adapter):
         adapted = backbone(x)
     torch.testing.assert_close(adapted, backbone(x), rtol=0, atol=0)
     assert all(not torch.any(a.up.weight) for a in adapter.adapters)
@@ -48,7 +45,7 @@ def test_adapter_reads_the_residual_stream_before_norm2(tiny_backbone_factory):
     _randomise(adapter, std=0.2)
     block, branch = backbone.blocks[0], adapter.adapters[0]
     tokens = torch.randn(2, 65, backbone.embed_dim) * 3 + 1  # far from LN-normalised statistics
-    with attached(partial(adapter.attach, backbone)):
+    with attached(backbone, adapter):
         out = block(tokens)
     mid = tokens + block.attn(block.norm1(tokens))
     expected = mid + block.mlp(block.norm2(mid)) + 0.1 * branch.up(torch.relu(branch.down(mid)))
@@ -60,7 +57,7 @@ def test_adapter_reads_the_residual_stream_before_norm2(tiny_backbone_factory):
 def test_adapter_is_detached_after_use(tiny_backbone_factory):
     backbone = tiny_backbone_factory()
     keys = set(backbone.state_dict())
-    with attached(partial(AdaptFormer(backbone).attach, backbone)):
+    with attached(backbone, AdaptFormer(backbone)):
         assert backbone.blocks[0].mlp._forward_hooks
     assert not backbone.blocks[0].mlp._forward_hooks and not backbone.blocks[0].norm2._forward_pre_hooks
     assert set(backbone.state_dict()) == keys
@@ -76,7 +73,7 @@ def test_vpt_tokens_are_appended_at_the_end_and_removed(deep, tiny_backbone_fact
     plain = _tokens(backbone, x)
     seen = []
     # observers registered after the PET's hooks see what the modules see
-    with attached(partial(prompts.attach, backbone)):
+    with attached(backbone, prompts):
         hooks = [
             m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
             for m in [*backbone.blocks, backbone.vit.norm]
@@ -98,7 +95,7 @@ def test_vpt_tokens_are_appended_at_the_end_and_removed(deep, tiny_backbone_fact
 def test_vpt_with_zero_prompts_still_changes_features(tiny_backbone_factory):
     backbone = tiny_backbone_factory()
     x = torch.rand(2, 3, 32, 32)
-    with attached(partial(VisualPrompts(backbone, deep=True).attach, backbone)):
+    with attached(backbone, VisualPrompts(backbone, deep=True)):
         prompted = backbone(x)
     assert not torch.allclose(prompted, backbone(x))
 
@@ -112,14 +109,14 @@ def test_ssf_modulates_every_site_and_is_identity_at_unit_scale(tiny_backbone_fa
         for factor in ssf.factors.values():
             factor.scale.fill_(1.0)
             factor.shift.zero_()
-    with attached(partial(ssf.attach, backbone)):
+    with attached(backbone, ssf):
         torch.testing.assert_close(backbone(x), plain)
     assert len(ssf.factors) == 2 + 6 * len(backbone.blocks)
     site = ssf.factors["blocks_1_attn_qkv"]
     assert site.scale.shape == (3 * backbone.embed_dim,)
     with torch.no_grad():
         site.shift.fill_(1.0)
-    with attached(partial(ssf.attach, backbone)):
+    with attached(backbone, ssf):
         assert not torch.allclose(backbone(x), plain)
 
 
@@ -208,7 +205,7 @@ def test_prototypes_are_class_means_of_raw_merged_features(learned, synthetic_st
     method, x, _, _ = learned("aper_ssf")
     merged = method.features(x)
     torch.testing.assert_close(merged[:, :128], method.backbone(x))  # PTM first, raw
-    with attached(partial(method.pet.attach, method.backbone)):
+    with attached(method.backbone, method.pet):
         torch.testing.assert_close(merged[:, 128:], method.backbone(x))
     task = synthetic_stream.tasks[1]
     features, labels = engine.extract(method.features, task.train.with_transform(method.test_transform()), 64)

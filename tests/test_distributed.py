@@ -11,7 +11,8 @@ from torch import nn
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.utils.data import TensorDataset
 
-from strata.models.engine import Engine, GlobalBatchSampler, OptimizerConfig, TrainConfig, TrainingHooks
+from strata.models.distributed import GlobalBatchSampler
+from strata.models.engine import Engine, OptimizerConfig, TrainConfig, TrainingHooks
 from tests.conftest import free_port
 
 
@@ -38,7 +39,8 @@ class LastBlockProbe(nn.Module, TrainingHooks):
 
 def train_probe(samples: int, batch_size: int, optimizer: str, part: str) -> dict[str, torch.Tensor]:
     """One process's training: the same data, model and seed everywhere; only the process group differs."""
-    from strata.models.engine import init_distributed, seed_everything
+    from strata.models.distributed import init_distributed
+    from strata.models.engine import seed_everything
 
     init_distributed()
     torch.set_num_threads(1)

@@ -41,7 +41,7 @@ from strata.tasks.data.ingest import IngestError, ingest
 from strata.tasks.data.materialise import materialise
 from strata.tasks.data.validate import BatchRejectedError
 from strata.tasks.data.versioning import git
-from strata.tasks.ledger.increments import configure_learner, finish_increment, start_increment
+from strata.tasks.ledger.increments import SucceededIncrement, configure_learner, finish_increment, start_increment
 from strata.tasks.ledger.store import Base, Learner, LearnerNameError, find_data_version, ledger_session, make_engine
 from strata.tasks.workspace.settings import SETTINGS_FILE, load_settings
 from strata.tasks.workspace.setup import init_workspace
@@ -419,7 +419,10 @@ def learned(workspace, tmp_path_factory):
         learner_id = configure_learner(session, "zoo", "simplecil", "tiny", {}).id
         version_id = find_data_version(session, first.batch_id).id
     increment = start_increment(db, learner_id, 0, version_id)
-    finish_increment(db, increment, ["ant", "bee"], 0, str(state), {}, "", "")
+    done = SucceededIncrement(
+        class_names=["ant", "bee"], first_class_id=0, checkpoint_uri=str(state), metrics={}, run_id="", model_version=""
+    )
+    finish_increment(db, increment, done)
     db.dispose()
     pristine = shutil.copytree(state, root / "pristine-state")
     return state, pristine

@@ -1,7 +1,5 @@
 """LAE: PET definitions, freeze schedule, EMA, ensemble, shared early blocks, state, export, bad input."""
 
-from functools import partial
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -44,12 +42,12 @@ def test_zero_init_pets_leave_the_vit_unchanged(tiny_backbone_factory, name):
 def test_lora_changes_only_key_and_value_rows(tiny_backbone_factory):
     backbone = tiny_backbone_factory()
     qkv = backbone.blocks[0].attn.qkv
-    lora = KVLoRA(backbone.embed_dim)
+    lora = KVLoRA(backbone.embed_dim, block=0)
     _perturb(lora)
     x = torch.randn(2, 65, backbone.embed_dim)
     before = qkv(x)
     attachment = Attachment()
-    lora.attach(attachment, backbone.blocks[0])
+    lora.attach(backbone, attachment)
     delta = qkv(x) - before
     attachment.detach()
     D = backbone.embed_dim
@@ -63,7 +61,7 @@ def test_lora_changes_only_key_and_value_rows(tiny_backbone_factory):
 def test_prefix_is_after_cls_and_compensated_by_default(tiny_backbone_factory, overrides, expected):
     backbone = tiny_backbone_factory()
     method = _method(backbone, "lae_prefix", **overrides)
-    with attached(partial(method.attach_experts, method.online)):
+    with attached(backbone, method.online):
         attentions = [backbone.blocks[i].attn for i in method.adapted]
         assert all(isinstance(a, PrefixAttention) for a in attentions)
         assert {(a.position, a.compensate) for a in attentions} == {("after_cls", expected)}
@@ -72,7 +70,7 @@ def test_prefix_is_after_cls_and_compensated_by_default(tiny_backbone_factory, o
 
 
 def test_prefix_tokens_init_uniform_small():
-    pet = build_pet("prefix", 768)
+    pet = build_pet("prefix", 768, block=0)
     for tokens in (pet.keys, pet.values):
         assert tokens.shape == (10, 768) and 0 <= tokens.min() and tokens.max() <= 0.01
 
@@ -175,7 +173,7 @@ def test_early_blocks_run_once_for_both_experts(tiny_backbone_factory, synthetic
     assert calls == {"embed": 1, "b0": 1, "b1": 1, "b2": 2, "b3": 2}
     expected = []
     for pets in (method.online, method.offline):  # the naive way: two full forwards
-        with attached(partial(method.attach_experts, pets)):
+        with attached(backbone, pets):
             expected.append(method.logits(backbone(x)).softmax(1))
     torch.testing.assert_close(got, torch.maximum(*expected), rtol=0, atol=1e-6)
 

@@ -170,7 +170,7 @@ def test_crash_after_registration_leaves_one_version_per_increment(
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the ledger commit")
 
-    monkeypatch.setattr("strata.flows.learn.finish_increment", crash)
+    monkeypatch.setattr("strata.tasks.tracking.recorder.finish_increment", crash)
     with pytest.raises(RuntimeError, match="before the ledger commit"):
         _learn(settings, gate=LENIENT)
     assert _versions(settings) == [1]  # registered, never recorded

@@ -12,6 +12,7 @@ from strata.models.evaluation import evaluate
 from strata.models.methods import create_method, method_config
 from strata.models.methods.ovor import OUTLIER_LABEL, mask_old_classes
 from strata.models.ood import OutlierConfig, VORLossConfig, kth_neighbour_distance, synthesize_outliers, vor_loss
+from strata.models.pet.attach import attach_pets
 from strata.models.pet.oneprompt import OnePrompt
 from strata.models.pet.prefix import PrefixAttention
 
@@ -25,6 +26,7 @@ def vit_b16():
 
 def test_prompt_prepends_5_then_20_key_and_value_tokens_at_layers_0_to_4_only(vit_b16, monkeypatch):
     prompt = OnePrompt(vit_b16)
+    attachment = attach_pets(vit_b16, prompt)
     lengths = []
     sdpa = F.scaled_dot_product_attention
 
@@ -37,7 +39,7 @@ def test_prompt_prepends_5_then_20_key_and_value_tokens_at_layers_0_to_4_only(vi
         with torch.no_grad():
             vit_b16(torch.rand(1, 3, 224, 224))
     finally:
-        prompt.attachment.detach()
+        attachment.detach()
     assert lengths == [(202, 202)] * 2 + [(217, 217)] * 3 + [(197, 197)] * 7  # 197 tokens + 5 / 20 prompts
     assert sum(p.numel() for p in prompt.parameters()) == 107_520
 
@@ -45,6 +47,7 @@ def test_prompt_prepends_5_then_20_key_and_value_tokens_at_layers_0_to_4_only(vi
 def test_prompt_tokens_are_uniform_0_1_and_prepended_before_cls(tiny_backbone_factory):
     backbone = tiny_backbone_factory("tiny-wide")
     prompt = OnePrompt(backbone)
+    attach_pets(backbone, prompt)
     assert sorted(prompt.layers) == ["0", "1", "2", "3", "4"]
     tokens = torch.cat([p.tokens.flatten() for p in prompt.layers.values()])
     assert 0 <= tokens.min() and tokens.max() <= 1 and abs(tokens.mean().item() - 0.5) < 0.02

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.models.backbones import Backbone, BackboneError
+from strata.models.backbones import Backbone, BackboneError, weights_fingerprint
 from strata.models.engine import Engine, OptimizerConfig, TrainConfig
 from strata.models.heads import CosineClassifier
-from strata.models.methods.base import Method, MethodConfig, tensors_digest
+from strata.models.methods.base import Method, MethodConfig
 from strata.models.methods.registry import register_method
 from strata.models.methods.simplecil import add_prototypes
 from strata.models.pet.adaptformer import AdaptFormer
@@ -71,8 +71,8 @@ class TunedCopy(nn.Module):
         attachment.swap(backbone, "vit", self.vit)
 
 
-def build_pet(config: AperConfig, backbone: Backbone) -> nn.Module:
-    """The variant's PET for ``backbone``; every PET has ``attach(backbone, attachment)``."""
+def build_pet(config: AperConfig, backbone: Backbone) -> AdaptFormer | SSF | TunedCopy | VisualPrompts:
+    """The variant's PET for ``backbone`` (a :class:`~strata.models.pet.attach.PET`, like every PET)."""
     if config.pet == "adapter":
         return AdaptFormer(backbone, bottleneck=config.bottleneck)
     if config.pet == "ssf":
@@ -87,7 +87,7 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-class Aper(Method):
+class Aper(Method[AperConfig]):
     config_class = AperConfig
 
     def __init__(self, name: str, config: AperConfig, backbone: Backbone):
@@ -125,7 +125,7 @@ class Aper(Method):
 
     def feature_identity(self) -> str:
         """The PTM and the PET state: task 0's adaptation changes the adapted branch, hence the key."""
-        return f"{super().feature_identity()}:pet={self.config.pet}:{tensors_digest(self.pet)}"
+        return f"{super().feature_identity()}:pet={self.config.pet}:{weights_fingerprint(self.pet)}"
 
     def _adapt(self, task: Task, engine: Engine) -> list[float]:
         """Train the PET with CE on a fresh cosine head over task 0's classes, then drop the head."""
@@ -134,18 +134,24 @@ class Aper(Method):
         )
         self.train_head = CosineClassifier(self.backbone.embed_dim, task.num_new).to(self.device)
         try:
-            return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
+            return super().fit_task(task, engine)
         finally:
             self.train_head = None
 
+    def adaptation_head(self) -> CosineClassifier:
+        """Task 0's CE head, which exists only while ``_adapt`` trains the PET."""
+        if self.train_head is None:
+            raise RuntimeError(f"{self.name} trains only while adapting its PET in task 0")
+        return self.train_head
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.pet.parameters(), *self.train_head.parameters()]
+        return [*self.pet.parameters(), *self.adaptation_head().parameters()]
 
     def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.train_head(self.adapted_features(inputs)), labels)
+        return F.cross_entropy(self.adaptation_head()(self.adapted_features(inputs)), labels)
 
     def adapted_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with attached(partial(self.pet.attach, self.backbone)):
+        with attached(self.backbone, self.pet):
             return self.backbone(pixels)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -159,7 +165,7 @@ class Aper(Method):
         return {**super().state_meta(), "pet_parameters": self.pet_parameters}
 
 
-_VARIANTS: dict[str, tuple[TrainConfig, str]] = {
+_VARIANTS: dict[PetKind, tuple[TrainConfig, str]] = {
     "adapter": (sgd_recipe(0.01, 48, 20), "AdaptFormer (r=64, all blocks)"),
     "ssf": (sgd_recipe(0.01, 48, 20), "SSF scale/shift"),
     "vpt_shallow": (sgd_recipe(0.01, 48, 20), "VPT-shallow (5 end tokens)"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,7 @@ from torch import nn
 
 from strata.models.backbones import Backbone, weights_fingerprint
 from strata.models.engine import Engine, TrainConfig, TrainingHooks
+from strata.models.errors import UserError
 from strata.models.streams import Task
 from strata.models.transforms import TransformConfig, test_transform, train_transform
 
@@ -34,7 +35,7 @@ STATE_META = "state.json"
 STATE_FORMAT = 1
 
 
-class StateError(ValueError):
+class StateError(UserError, ValueError):
     """A saved state does not belong to this method, variant or backbone."""
 
 
@@ -48,14 +49,20 @@ class MethodConfig(BaseModel):
     eval_batch_size: int = 128
 
 
-class Method(nn.Module, TrainingHooks):
-    """Base class: bookkeeping of tasks and classes, state files, transforms."""
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class Method(nn.Module, TrainingHooks, Generic[ConfigT]):
+    """Base class: bookkeeping of tasks and classes, state files, transforms.
+
+    Generic in its config class so that each method reads its own settings (``Aper(Method[AperConfig])``
+    sees ``self.config.pet``) with their types."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # forward() already returns probabilities (LAE's max of softmaxes): consumers must not softmax again
     outputs_probabilities: ClassVar[bool] = False
 
-    def __init__(self, name: str, config: MethodConfig, backbone: Backbone):
+    def __init__(self, name: str, config: ConfigT, backbone: Backbone):
         super().__init__()
         self.name = name
         self.config = config
@@ -67,6 +74,11 @@ class Method(nn.Module, TrainingHooks):
     @property
     def num_seen(self) -> int:
         return sum(self.task_sizes)
+
+    @property
+    def num_old(self) -> int:
+        """Classes seen before the current task: where its classes start among the logits."""
+        return sum(self.task_sizes[:-1])
 
     @property
     def task_index(self) -> int:
@@ -93,8 +105,11 @@ class Method(nn.Module, TrainingHooks):
         raise NotImplementedError
 
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
-        """Learn one task; returns the mean training loss per epoch (empty if it does not train)."""
-        raise NotImplementedError
+        """Learn one task; returns the mean training loss per epoch (empty if it does not train).
+
+        By default: the shared loop over the task's training images (train transform) with this method's
+        hooks and ``config.train``; methods that learn otherwise (prototypes, phases) override it."""
+        return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
 
     def learn(self, task: Task, engine: Engine) -> list[float]:
         """``begin_task`` then ``fit_task``: one increment."""
@@ -255,11 +270,6 @@ def _read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a safetensors file ({exc}): it is damaged or was not written by save_state; "
             f"restore the state folder from a saved copy (a registered version keeps one)"
         ) from exc
-
-
-def tensors_digest(module: nn.Module) -> str:
-    """A content digest of a module's tensors (for feature-cache keys)."""
-    return weights_fingerprint(module)
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

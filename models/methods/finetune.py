@@ -13,11 +13,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.engine import OptimizerConfig, TrainConfig
 from strata.models.heads import GrowingLinear
 from strata.models.methods.base import Method, MethodConfig
 from strata.models.methods.registry import register_method
-from strata.models.streams import Task
 
 
 class FinetuneConfig(MethodConfig):
@@ -29,7 +28,7 @@ class FinetuneConfig(MethodConfig):
     )
 
 
-class Finetune(Method):
+class Finetune(Method[FinetuneConfig]):
     config_class = FinetuneConfig
 
     def __init__(self, name: str, config: FinetuneConfig, backbone):
@@ -50,9 +49,6 @@ class Finetune(Method):
 
     def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(inputs), labels)
-
-    def fit_task(self, task: Task, engine: Engine) -> list[float]:
-        return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(pixels))

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from strata.models.engine import Engine, OptimizerConfig, TrainConfig
+from strata.models.engine import OptimizerConfig, TrainConfig
 from strata.models.methods.base import Method, MethodConfig
 from strata.models.methods.registry import register_method
-from strata.models.pet.attach import Attachment, adapted_blocks, attached
+from strata.models.pet.attach import PETList, adapted_blocks, attached
 from strata.models.pet.lae_pets import PetKind, build_pet
-from strata.models.streams import Task
 from strata.models.transforms import TransformConfig
 
 
@@ -53,7 +52,7 @@ class LAEConfig(MethodConfig):
     )
 
 
-class LAE(Method):
+class LAE(Method[LAEConfig]):
     config_class = LAEConfig
     outputs_probabilities = True
 
@@ -62,11 +61,18 @@ class LAE(Method):
         self.adapted = adapted_blocks(backbone.info.depth, config.adapt_blocks)
         if not self.adapted:
             raise ValueError(f"none of the blocks {config.adapt_blocks} exists in a ViT of depth {backbone.info.depth}")
-        self.online = nn.ModuleList(
-            build_pet(config.pet, backbone.embed_dim, config.rank, config.prefix_length, config.compensate)
-            for _ in self.adapted
+        self.online = PETList(
+            build_pet(
+                config.pet,
+                backbone.embed_dim,
+                block=index,
+                rank=config.rank,
+                length=config.prefix_length,
+                compensate=config.compensate,
+            )
+            for index in self.adapted
         )
-        self.offline: nn.ModuleList | None = None
+        self.offline: PETList | None = None
         self.heads = nn.ModuleList()
 
     # -- structure ---------------------------------------------------------------------------------
@@ -80,13 +86,10 @@ class LAE(Method):
             self.offline = copy.deepcopy(self.online).requires_grad_(False)
 
     @property
-    def experts(self) -> list[nn.ModuleList]:
+    def experts(self) -> list[PETList]:
         return [self.online] if self.offline is None else [self.online, self.offline]
 
     # -- training ----------------------------------------------------------------------------------
-    def fit_task(self, task: Task, engine: Engine) -> list[float]:
-        return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """All heads and the online PETs (frozen ones simply get no gradient); offline PETs never."""
         return [*self.heads.parameters(), *self.online.parameters()]
@@ -99,9 +102,8 @@ class LAE(Method):
 
     def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CE over the new classes only: old-class logits are sliced away, not pushed down."""
-        old = self.num_seen - self.task_sizes[-1]
         (features,) = self.expert_features(inputs, [self.online])
-        return F.cross_entropy(self.logits(features)[:, old:], labels - old)
+        return F.cross_entropy(self.logits(features)[:, self.num_old :], labels - self.num_old)
 
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
@@ -123,33 +125,27 @@ class LAE(Method):
         probabilities = [self.logits(f).softmax(dim=1) for f in self.expert_features(pixels, self.experts)]
         return probabilities[0] if len(probabilities) == 1 else torch.maximum(*probabilities)
 
-    def expert_features(self, pixels: torch.Tensor, experts: list[nn.ModuleList]) -> list[torch.Tensor]:
+    def expert_features(self, pixels: torch.Tensor, experts: list[PETList]) -> list[torch.Tensor]:
         """CLS features under each PET set; the blocks before the first adapted one run only once."""
-        vit = self.backbone.vit
-        first = self.adapted[0]
-        shared = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
-        shared = vit.blocks[:first](shared)
+        backbone, first = self.backbone, self.adapted[0]
+        shared = backbone.run_blocks(backbone.embed(pixels), stop=first)
         features = []
         for pets in experts:
-            with attached(partial(self.attach_experts, pets)):
-                tokens = vit.norm(vit.blocks[first:](shared))
-            features.append(self.backbone.forward_head(tokens))
+            with attached(backbone, pets):
+                features.append(backbone.final_feature(backbone.run_blocks(shared, start=first)))
         return features
 
-    def attach_experts(self, pets: nn.ModuleList, attachment: Attachment) -> None:
-        """Attach one PET set to the adapted blocks (used for the duration of a forward pass)."""
-        for pet, index in zip(pets, self.adapted, strict=True):
-            pet.attach(attachment, self.backbone.blocks[index])
 
+_VARIANTS: dict[PetKind, str] = {
+    "adapter": "Adapter (r=5) parallel to MHSA",
+    "lora": "KV-LoRA (rank 5)",
+    "prefix": "Prefix (10 K/V tokens, compensated)",
+}
 
-for _kind, _summary in (
-    ("adapter", "Adapter (r=5) parallel to MHSA"),
-    ("lora", "KV-LoRA (rank 5)"),
-    ("prefix", "Prefix (10 K/V tokens, compensated)"),
-):
+for _kind, _summary in _VARIANTS.items():
     register_method(
         f"lae_{_kind}",
         LAE,
-        lambda kind=_kind: LAEConfig(pet=kind),
+        partial(LAEConfig, pet=_kind),
         f"LAE with {_summary} on blocks 0-4: online/EMA-offline experts, max-softmax ensemble",
     )

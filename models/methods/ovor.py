@@ -5,7 +5,8 @@ trained on every task with CE, old-class logits masked to −∞ (rehearsal-free
 ``vor_epochs`` of each task train only the head on cached features of the task's training images
 (train transform) plus synthesised virtual outliers, adding the energy loss L_VOR, which tightens
 the current task's decision regions so its logits do not swamp old classes. ``oneprompt`` is the
-same method without VOR epochs. Inference is one prompted forward pass (no query pass).
+same method without VOR epochs. Inference is one prompted forward pass (no query pass); the prompts
+are attached to the backbone only for the duration of each forward.
 
 Epochs: ``train.epochs`` is the total K of the CODA-P cosine schedule (regular + VOR); the
 optimizer is re-created per task. Defaults are the official CIFAR-100 run (``--epochs 0 16 4``);
@@ -18,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from strata.models.backbones import weights_fingerprint
 from strata.models.engine import Engine, OptimizerConfig, TrainConfig
 from strata.models.heads import GrowingLinear
-from strata.models.methods.base import Method, MethodConfig, tensors_digest
+from strata.models.methods.base import Method, MethodConfig
 from strata.models.methods.registry import register_method
 from strata.models.ood import OutlierConfig, VORLossConfig, synthesize_outliers, vor_loss
+from strata.models.pet.attach import attached
 from strata.models.pet.oneprompt import DEFAULT_LENGTHS, OnePrompt
 from strata.models.streams import Task
 from strata.models.transforms import TransformConfig
@@ -63,7 +66,7 @@ def mask_old_classes(logits: torch.Tensor, num_old: int) -> torch.Tensor:
     return logits.index_fill(1, torch.arange(num_old, device=logits.device), float("-inf"))
 
 
-class OVOR(Method):
+class OVOR(Method[OVORConfig]):
     config_class = OVORConfig
 
     def __init__(self, name: str, config: OVORConfig, backbone):
@@ -72,10 +75,6 @@ class OVOR(Method):
         self.head = GrowingLinear(backbone.embed_dim)
         self._fitting: tuple[Task, Engine] | None = None
         self._vor_epoch = False
-
-    @property
-    def num_old(self) -> int:
-        return self.num_seen - self.task_sizes[-1]
 
     def prepare_task(self, index: int, num_new: int) -> None:
         self.head.grow(num_new)
@@ -89,7 +88,7 @@ class OVOR(Method):
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
         self._fitting = (task, engine)
         try:
-            return engine.fit(self, task.train.with_transform(self.train_transform()), self.config.train, task.index)
+            return super().fit_task(task, engine)
         finally:
             self._fitting, self._vor_epoch = None, False
 
@@ -112,12 +111,14 @@ class OVOR(Method):
         """One VOR epoch: features of every training image (train transform, extracted once, no grad),
         shuffled ID batches of ``batch_size`` zipped with unshuffled outlier batches of
         ``n_ood // n_batches``; each batch is ID features then outliers labelled ``OUTLIER_LABEL``."""
+        if self._fitting is None:
+            raise RuntimeError(f"{self.name} draws VOR batches only while fit_task runs")
         task, engine = self._fitting
         transform = self.train_transform()
         # Random crops: cacheable only for an identical re-run. The key holds the prompts' current values
         # and the engine adds torch's RNG state, seed and workers (``random_transform=True``).
         features, labels = engine.extract(
-            self.backbone,
+            self.features,
             task.train.with_transform(transform),
             self.config.eval_batch_size,
             self.feature_cache_key(task, transform, "train"),
@@ -137,11 +138,18 @@ class OVOR(Method):
         ]
 
     def feature_identity(self) -> str:
-        """The backbone and the prompts' current values (they live in its attention and are trained)."""
-        return f"{super().feature_identity()}:prompts={tensors_digest(self.prompt)}"
+        """The prompted backbone (weights and structure, prompts attached) and the prompts' current values."""
+        with attached(self.backbone, self.prompt):
+            prompted = super().feature_identity()
+        return f"{prompted}:prompts={weights_fingerprint(self.prompt)}"
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The CLS feature of the prompted backbone."""
+        with attached(self.backbone, self.prompt):
+            return self.backbone(pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(pixels))  # the prompts live in the backbone's attention
+        return self.head(self.features(pixels))
 
 
 register_method(

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from strata.models.backbones import Backbone
+from strata.models.errors import UserError
 from strata.models.methods.base import Method, MethodConfig
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(UserError, ValueError):
     """The name is not registered; the message lists the valid ones."""
 
 

@@ -21,7 +21,7 @@ class SimpleCILConfig(MethodConfig):
     eval_batch_size: int = 128  # the official loaders' hard-coded batch
 
 
-class SimpleCIL(Method):
+class SimpleCIL(Method[SimpleCILConfig]):
     config_class = SimpleCILConfig
 
     def __init__(self, name: str, config: SimpleCILConfig, backbone):

@@ -1,63 +1,32 @@
 """LAE's three PET kinds (gqk/LAE ``libml/model/pet``), one instance per adapted ViT block.
 
-Each PET is owned by the method and joins a block only through an :class:`~strata.models.pet.attach.Attachment`
-(``pet.attach(attachment, block)``), so the same backbone serves LAE's online and offline experts in turn.
-Every PET multiplies its output by a learnable scalar initialised to 1 (the official ``Scaler`` with
-``scale: null``); the zero-initialised ones (Adapter, LoRA) leave the ViT unchanged at the start.
+Each PET knows its block and joins it only through an :class:`~strata.models.pet.attach.Attachment`
+(the one ``attach(backbone, attachment)`` of every PET), so the same backbone serves LAE's online and
+offline experts in turn. Every PET multiplies its output by a learnable scalar initialised to 1 (the
+official ``Scaler`` with ``scale: null``); the zero-initialised ones (Adapter, LoRA) leave the ViT
+unchanged at the start. The Adapter is the shared :class:`~strata.models.pet.adapter.BottleneckAdapter`
+with LAE's options.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.models.backbones import Backbone
+from strata.models.pet.adapter import BottleneckAdapter, Scaler, kaiming_init
 from strata.models.pet.attach import Attachment
 from strata.models.pet.prefix import attach_prefix
 
 PetKind = Literal["adapter", "lora", "prefix"]
 
 
-class Scaler(nn.Module):
-    """A learnable scalar (init 1.0): part of LAE's speed calibration of every PET's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
-def _kaiming(weight: torch.Tensor) -> torch.Tensor:
-    """PyTorch's default Linear weight init, which the official PETs use for their down-projections."""
-    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-class Adapter(nn.Module):
-    """Parallel to the whole attention sub-layer: ``x + Attn(LN1 x) + s·Up(GELU(Down(LN1 x)))``.
-
-    ``Attachment.add_output(block.attn, …)`` feeds it the argument of ``block.attn``, which is LN1(x).
-    """
-
-    def __init__(self, dim: int, rank: int = 5):
-        super().__init__()
-        self.down = nn.Linear(dim, rank)
-        self.up = nn.Linear(rank, dim)
-        self.scaler = Scaler()
-        _kaiming(self.down.weight)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaler(self.up(F.gelu(self.down(x))))
-
-    def attach(self, attachment: Attachment, block: nn.Module) -> None:
-        attachment.add_output(block.attn, self)
+def lae_adapter(dim: int, rank: int = 5, *, block: int) -> BottleneckAdapter:
+    """Parallel to the whole attention sub-layer: ``x + Attn(LN1 x) + s·Up(GELU(Down(LN1 x)))``, s learnable."""
+    return BottleneckAdapter(dim, rank, block=block, site="attention", activation="gelu", scale=None)
 
 
 class LowRank(nn.Module):
@@ -65,7 +34,7 @@ class LowRank(nn.Module):
 
     def __init__(self, dim: int, rank: int):
         super().__init__()
-        self.down = nn.Parameter(_kaiming(torch.empty(rank, dim)))
+        self.down = nn.Parameter(kaiming_init(torch.empty(rank, dim)))
         self.up = nn.Parameter(torch.zeros(dim, rank))
         self.scaler = Scaler()
 
@@ -74,10 +43,11 @@ class LowRank(nn.Module):
 
 
 class KVLoRA(nn.Module):
-    """Low-rank updates of the K and V rows of the fused ``attn.qkv``; the Q rows get an exact zero."""
+    """Low-rank updates of the K and V rows of block ``block``'s fused ``attn.qkv``; the Q rows get an exact zero."""
 
-    def __init__(self, dim: int, rank: int = 5):
+    def __init__(self, dim: int, rank: int = 5, *, block: int):
         super().__init__()
+        self.block = block
         self.key = LowRank(dim, rank)
         self.value = LowRank(dim, rank)
 
@@ -86,19 +56,21 @@ class KVLoRA(nn.Module):
         key = self.key(x)
         return torch.cat([torch.zeros_like(key), key, self.value(x)], dim=-1)
 
-    def attach(self, attachment: Attachment, block: nn.Module) -> None:
-        attachment.add_output(block.attn.qkv, self)
+    def attach(self, backbone: Backbone, attachment: Attachment) -> None:
+        attachment.add_output(backbone.blocks[self.block].get_submodule("attn.qkv"), self)
 
 
 class PrefixTokens(nn.Module):
     """L key and L value tokens in projected K/V space, U(0, 0.01), each set times its own learnable scalar.
 
-    Inserted right after the CLS key/value by the shared :class:`~strata.models.pet.prefix.PrefixAttention`;
-    ``compensate`` switches LAE's attention compensation (adaptation-speed calibration), on by default.
+    Inserted right after the CLS key/value of block ``block`` by the shared
+    :class:`~strata.models.pet.prefix.PrefixAttention`; ``compensate`` switches LAE's attention compensation
+    (adaptation-speed calibration), on by default.
     """
 
-    def __init__(self, dim: int, length: int = 10, compensate: bool = True):
+    def __init__(self, dim: int, length: int = 10, compensate: bool = True, *, block: int):
         super().__init__()
+        self.block = block
         self.keys = nn.Parameter(torch.empty(length, dim).uniform_(0, 0.01))
         self.values = nn.Parameter(torch.empty(length, dim).uniform_(0, 0.01))
         self.key_scaler = Scaler()
@@ -109,16 +81,18 @@ class PrefixTokens(nn.Module):
         keys, values = self.key_scaler(self.keys), self.value_scaler(self.values)
         return keys.expand(batch_size, -1, -1), values.expand(batch_size, -1, -1)
 
-    def attach(self, attachment: Attachment, block: nn.Module) -> None:
-        attach_prefix(attachment, block, self, "after_cls", self.compensate)
+    def attach(self, backbone: Backbone, attachment: Attachment) -> None:
+        attach_prefix(attachment, backbone.blocks[self.block], self, "after_cls", self.compensate)
 
 
-def build_pet(kind: PetKind, dim: int, rank: int = 5, length: int = 10, compensate: bool = True) -> nn.Module:
-    """One PET of ``kind`` for a block of width ``dim`` (``rank`` for adapter/lora, ``length`` for prefix)."""
+def build_pet(
+    kind: PetKind, dim: int, *, block: int, rank: int = 5, length: int = 10, compensate: bool = True
+) -> nn.Module:
+    """One PET of ``kind`` for block ``block`` of width ``dim`` (``rank`` for adapter/lora, ``length`` for prefix)."""
     if kind == "adapter":
-        return Adapter(dim, rank)
+        return lae_adapter(dim, rank, block=block)
     if kind == "lora":
-        return KVLoRA(dim, rank)
+        return KVLoRA(dim, rank, block=block)
     if kind == "prefix":
-        return PrefixTokens(dim, length, compensate)
+        return PrefixTokens(dim, length, compensate, block=block)
     raise ValueError(f"unknown LAE PET kind {kind!r}; choose adapter, lora or prefix")

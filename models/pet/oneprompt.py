@@ -3,7 +3,8 @@
 Each prompted layer owns L tokens (U(0, 1) init, as CODA-P's ``tensor_prompt``); the first L/2 are
 prepended to the projected keys and the last L/2 to the projected values, in front of the CLS token
 and without attention compensation. The attention itself is the shared
-:class:`~strata.models.pet.prefix.PrefixAttention`; this module only holds the tokens.
+:class:`~strata.models.pet.prefix.PrefixAttention`; this module holds the tokens and, while attached,
+swaps it in at the prompted layers.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ class LayerPrompt(nn.Module):
 
 
 class OnePrompt(nn.Module):
-    """Prompts for the layers of ``lengths`` that exist in the backbone, attached on construction."""
+    """Prompts for the layers of ``lengths`` that exist in the backbone, under ``layers.<block>``.
+
+    Building it leaves the backbone untouched: the prompts join it through ``attach`` like every PET.
+    """
 
     def __init__(self, backbone: Backbone, lengths: dict[int, int] = DEFAULT_LENGTHS):
         super().__init__()
         layers = adapted_blocks(len(backbone.blocks), sorted(lengths))
         self.layers = nn.ModuleDict({str(i): LayerPrompt(lengths[i], backbone.embed_dim) for i in layers})
-        self.attachment = Attachment()
+
+    def attach(self, backbone: Backbone, attachment: Attachment) -> None:
         for index, prompt in self.layers.items():
-            attach_prefix(self.attachment, backbone.blocks[int(index)], prompt, position="front", compensate=False)
+            attach_prefix(attachment, backbone.blocks[int(index)], prompt, position="front", compensate=False)

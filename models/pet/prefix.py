@@ -9,12 +9,14 @@ parallel adapter instead of being down-weighted by the small λ.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
+
+from strata.models.pet.attach import Attachment
 
 PrefixPosition = Literal["front", "after_cls"]
 
@@ -32,8 +34,13 @@ class PrefixAttention(nn.Module):
         self, attn: Attention, prefix: nn.Module, position: PrefixPosition = "front", compensate: bool = False
     ):
         super().__init__()
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            setattr(self, name, getattr(attn, name))
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = attn.norm
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
         if getattr(attn, "gate", None) is not None:
             raise ValueError("prefix attention does not support gated timm attention")
         self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
@@ -74,6 +81,12 @@ class PrefixAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-def attach_prefix(attachment, block: nn.Module, prefix: nn.Module, position: PrefixPosition, compensate: bool) -> None:
-    """Swap ``block.attn`` for a :class:`PrefixAttention` recorded in ``attachment``."""
-    attachment.swap(block, "attn", PrefixAttention(block.attn, prefix, position, compensate))
+def attach_prefix(
+    attachment: Attachment, block: nn.Module, prefix: nn.Module, position: PrefixPosition, compensate: bool
+) -> None:
+    """Swap ``block.attn`` for a :class:`PrefixAttention` recorded in ``attachment``.
+
+    The block's attention is read as a timm ``Attention``: PrefixAttention takes its submodules and sizes by
+    those names (a block of another attention class fails there, on the first name it lacks)."""
+    attn = cast(Attention, block.get_submodule("attn"))
+    attachment.swap(block, "attn", PrefixAttention(attn, prefix, position, compensate))

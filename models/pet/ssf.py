@@ -59,7 +59,10 @@ def _width(module: nn.Module) -> int:
         return module.out_features
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[0]
-    return module.proj.out_channels
+    projection = module.get_submodule("proj")
+    if not isinstance(projection, nn.Conv2d):
+        raise ValueError(f"SSF cannot tell the output width of {type(module).__name__}: no Linear, LayerNorm or conv")
+    return projection.out_channels
 
 
 def _key(path: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks of methods on a stream: the single-run loop, official-run profiles."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from strata.models.errors import UserError
+
 PROFILES: dict[str, dict[str, Any]] = {}
 
 
-class UnknownProfileError(ValueError):
+class UnknownProfileError(UserError, ValueError):
     """The profile name is not registered; the message lists the valid ones."""
 
 

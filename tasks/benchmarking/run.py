@@ -11,7 +11,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from strata.models.backbones import build_backbone
-from strata.models.engine import Engine, init_distributed, is_main_process, seed_everything
+from strata.models.distributed import init_distributed, is_main_process
+from strata.models.engine import Engine, seed_everything
 from strata.models.evaluation import evaluate
 from strata.models.methods import create_method, method_config
 from strata.models.metrics import accuracy_matrix, confusion_matrix, summarize

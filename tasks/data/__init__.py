@@ -1,0 +1,1 @@
+"""Data intake: batch validation, ingest (copy → DVC → git → ledger), readers, materialising a version."""

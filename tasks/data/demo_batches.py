@@ -20,13 +20,14 @@ def write_digit_batches(folder: Path, classes_per_batch: int = 2, seed: int = 0)
         root = folder / f"batch-{start // classes_per_batch + 1}"
         seen: set[bytes] = set()
         for split, images in (("train", dataset.train), ("test", dataset.test)):
-            for index, (pixels, label) in enumerate(zip(images.images, images.labels, strict=True)):
+            for index, (source, label) in enumerate(zip(images.images, images.labels, strict=True)):
                 name = dataset.class_names[label]
+                pixels = np.asarray(source, dtype=np.uint8)  # read_digits' images are uint8 arrays: no copy
                 if name not in names or pixels.tobytes() in seen:
                     continue
                 seen.add(pixels.tobytes())
                 target = root / split / name / f"{index:04d}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(target)
+                Image.fromarray(pixels).save(target)
         batches.append(root)
     return batches

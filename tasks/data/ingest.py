@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from strata.models.errors import UserError
 from strata.tasks.data.validate import BatchPlan, Limits, plan_batch, unpacked
 from strata.tasks.data.versioning import commit_paths, dvc_add, dvc_file, dvc_lock, dvc_push, git
 from strata.tasks.ledger.migrate import migrated_engine
@@ -38,7 +39,7 @@ EVENT = "strata.batch.ingested"
 log = logging.getLogger(__name__)
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The batch is valid but cannot be ingested for this learner; the message says why."""
 
 

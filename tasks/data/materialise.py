@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from strata.models.errors import UserError
 from strata.models.streams import LabelledDataset, LabelledImages
 from strata.tasks.data.versioning import directory_md5, dvc_lock, dvc_pull, read_dvc_out
 from strata.tasks.ledger.migrate import ledger
@@ -17,7 +18,7 @@ from strata.tasks.ledger.store import find_data_version
 from strata.tasks.workspace.settings import StrataSettings
 
 
-class DataVersionError(ValueError):
+class DataVersionError(UserError, ValueError):
     """A data version is unknown or its files do not match the ledger; the message says which."""
 
 
@@ -46,7 +47,8 @@ def materialise(settings: StrataSettings, batch_id: str) -> LabelledDataset:
 
 
 def _split(folder: Path, classes: list[str]) -> LabelledImages:
-    images, labels = [], []
+    images: list[str] = []
+    labels: list[int] = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir() if p.is_file())
         images.extend(str(p) for p in files)

@@ -16,12 +16,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from strata.models.errors import UserError
 from strata.models.streams import LabelledDataset, LabelledImages
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data cannot be read as asked; the message names the path and the fix."""
 
 
@@ -172,7 +173,8 @@ def _check_image(path: Path) -> None:
 
 
 def _labelled(files: dict[str, list[Path]], names: tuple[str, ...]) -> LabelledImages:
-    images, labels = [], []
+    images: list[str] = []
+    labels: list[int] = []
     for label, name in enumerate(names):
         images.extend(str(p) for p in files[name])
         labels.extend([label] * len(files[name]))

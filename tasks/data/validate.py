@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from strata.models.errors import UserError
 from strata.tasks.data.readers import IMAGE_SUFFIXES
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
@@ -29,13 +30,13 @@ CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}$")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
-class BatchRejectedError(ValueError):
+class BatchRejectedError(UserError, ValueError):
     """The batch fails validation; ``problems`` lists every reason, the message shows them all."""
 
     def __init__(self, source: Path | str, problems: list[str]):
         self.problems = problems
-        listing = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"batch {source} rejected, nothing was written ({len(problems)} problems):\n{listing}")
+        listing = "; ".join(problems)
+        super().__init__(f"batch {source} rejected, nothing was written ({len(problems)} problems): {listing}")
 
 
 @dataclass(frozen=True)

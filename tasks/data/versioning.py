@@ -20,12 +20,13 @@ from dvc.logger import set_loggers_level  # importing dvc binds its log handlers
 from dvc.repo import Repo
 from filelock import FileLock
 
+from strata.models.errors import UnavailableError
 from strata.tasks.workspace.settings import STATE_DIR
 
 LOCK_TIMEOUT_S = 600
 
 
-class VersioningError(RuntimeError):
+class VersioningError(UnavailableError, RuntimeError):
     """A git or DVC step failed; the message names the command and its output."""
 
 
@@ -89,6 +90,8 @@ def directory_md5(path: Path) -> str:
     fs = LocalFileSystem()
     with tempfile.TemporaryDirectory(prefix="strata-md5-") as tmp:
         _, _, obj = build(HashFileDB(fs, tmp), str(path), fs, "md5", dry_run=True)
+    if obj.hash_info.value is None:
+        raise VersioningError(f"DVC computed no md5 for {path}")
     return obj.hash_info.value
 
 

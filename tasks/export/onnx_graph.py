@@ -18,13 +18,12 @@ import numpy as np
 import onnx
 import torch
 
+from strata.models.errors import UserError
 from strata.models.methods.base import Method
 from strata.models.preprocessing import PreprocessedModel
+from strata.tasks.export.layout import LABELS_FILE, META_FILE, MODEL_FILE
 from strata.tasks.serving.providers import create_session
 
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.json"
-META_FILE = "model.json"
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2  # half precision keeps ~3 significant digits; logits of O(1) differ by ~1e-3
 FP16_MIN_AGREEMENT = 0.995
@@ -32,7 +31,7 @@ PARITY_BATCH = 8
 MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR ≤ 13; the torch exporter writes 10
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The graph could not be exported or failed its parity gate; nothing should be registered."""
 
 
@@ -119,6 +118,8 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: i
         )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {exc}") from exc
+    if program is None:  # only the TorchScript exporter (dynamo=False) returns None
+        raise ExportError(f"torch.onnx.export returned no ONNX program for {type(module).__name__}")
     model = program.model_proto
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     onnx.save_model(model, str(path))

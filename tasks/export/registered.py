@@ -6,30 +6,62 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import onnx
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
+from strata.models.errors import UnavailableError, UserError
 from strata.tasks.serving.sources import ModelRef, ModelSourceError
-from strata.tasks.tracking import promotion, runs
-from strata.tasks.workspace.settings import StrataSettings
+from strata.tasks.tracking import runs
+from strata.tasks.workspace.settings import StrataSettings, redact_url
 
 ONNX_ARTIFACT = "onnx"
 ONNX_TAG = "strata.onnx_model_uri"
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+NOT_IN_REGISTRY = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # the registry answered: no such name
+
+
+class UnknownVersionError(UserError, ValueError):
+    """The learner has no registered model, or not the version asked for; the message says where to look."""
+
+
+class TrackingUnavailableError(UnavailableError):
+    """The MLflow tracking store did not answer (server down, database unreachable); nothing was changed."""
 
 
 def resolve_version(client: MlflowClient, learner: str, version: str | None, alias: str) -> str:
-    """``version`` if given (checked), else the version ``alias`` points at."""
+    """``version`` if given (checked), else the version ``alias`` points at.
+
+    A name the registry does not know is the user's mistake and says so; a registry that does not
+    answer is a TrackingUnavailableError, not "no such version".
+    """
     name = runs.model_name(learner)
+    if _lookup(client.get_registered_model, name) is None:
+        raise UnknownVersionError(f"learner {learner!r} has no registered model ({name}) yet; see `strata status`")
     if version is not None:
-        promotion.version_tags(client, name, version)
+        if _lookup(client.get_model_version, name, version) is None:
+            raise UnknownVersionError(f"{name} has no version {version}; see `strata status --learner {learner}`")
         return version
-    resolved = promotion.alias_version(client, name, alias)
+    resolved = _lookup(client.get_model_version_by_alias, name, alias)
     if resolved is None:
         raise ModelSourceError(f"{name} has no version with alias {alias!r}; see `strata status --learner {learner}`")
-    return resolved
+    return str(resolved.version)
+
+
+def _lookup(get: Callable[..., Any], *args: str) -> Any | None:
+    """What the registry's ``get`` returns, or None when the registry answers that it has no such entry."""
+    try:
+        return get(*args)
+    except MlflowException as exc:
+        if exc.error_code in NOT_IN_REGISTRY:
+            return None
+        raise TrackingUnavailableError(
+            f"the MLflow tracking store at {redact_url(mlflow.get_tracking_uri())} did not answer ({exc.message}); "
+            "start it or fix mlflow_tracking_uri in strata.toml (STRATA_MLFLOW_TRACKING_URI)"
+        ) from exc
 
 
 def download_state(client: MlflowClient, settings: StrataSettings, learner: str, version: str, into: Path) -> Path:

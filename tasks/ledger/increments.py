@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from strata.models.errors import UserError
 from strata.tasks.ledger.store import (
     DataVersion,
     Increment,
@@ -28,7 +30,7 @@ from strata.tasks.ledger.store import (
 )
 
 
-class LearnerConfigError(ValueError):
+class LearnerConfigError(UserError, ValueError):
     """A learner is asked to change its method or backbone after it has learned."""
 
 
@@ -133,44 +135,62 @@ def fail_interrupted_increments(session: Session, learner: Learner) -> list[int]
 
 def fail_increment(engine: Engine, increment_id: int, error: str) -> None:
     with ledger_session(engine) as session:
-        row = session.get(Increment, increment_id)
+        row = session.get_one(Increment, increment_id)
         row.status, row.finished, row.metrics = "failed", utcnow(), {"error": error[:2000]}
 
 
-def finish_increment(
-    engine: Engine,
-    increment_id: int,
-    class_names: list[str],
-    first_class_id: int,
-    checkpoint_uri: str,
-    metrics: dict[str, Any],
-    run_id: str,
-    model_version: str,
-) -> None:
+class SucceededIncrement(BaseModel):
+    """What a succeeded increment leaves in the ledger besides its status: the classes it added (ids from
+    ``first_class_id`` on), its checkpoint, its metrics (JSON, as ``strata.tasks.tracking.figures.IncrementMetrics``
+    dumps them), its MLflow run and registered model version."""
+
+    model_config = ConfigDict(frozen=True)
+
+    class_names: list[str]
+    first_class_id: int
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    run_id: str
+    model_version: str
+
+
+def finish_increment(engine: Engine, increment_id: int, done: SucceededIncrement) -> None:
     """Record the increment and its classes in one transaction: it becomes the learner's last good state."""
     with ledger_session(engine) as session:
-        row = session.get(Increment, increment_id)
-        for offset, name in enumerate(class_names):
+        row = session.get_one(Increment, increment_id)
+        for offset, name in enumerate(done.class_names):
             session.add(
                 LearnedClass(
-                    learner_id=row.learner_id, class_id=first_class_id + offset, name=name, first_task=row.task_index
+                    learner_id=row.learner_id,
+                    class_id=done.first_class_id + offset,
+                    name=name,
+                    first_task=row.task_index,
                 )
             )
-        row.status, row.finished, row.checkpoint_uri = "succeeded", utcnow(), checkpoint_uri
-        row.metrics, row.mlflow_run_id, row.model_version = metrics, run_id, model_version
+        row.status, row.finished, row.checkpoint_uri = "succeeded", utcnow(), done.checkpoint_uri
+        row.metrics, row.mlflow_run_id, row.model_version = done.metrics, done.run_id, done.model_version
 
 
-def record_promotion(
-    engine: Engine, learner_id: int, version: str, previous: str | None, actor: str, reason: str
-) -> None:
+class ChampionMove(BaseModel):
+    """One move of a learner's ``champion`` alias: to ``version`` from ``previous``, by whom and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    previous: str | None
+    actor: str
+    reason: str
+
+
+def record_promotion(engine: Engine, learner_id: int, move: ChampionMove) -> None:
     with ledger_session(engine) as session:
         session.add(
             Promotion(
                 learner_id=learner_id,
-                model_version=version,
-                previous_version=previous,
-                actor=actor,
-                reason=reason[:1024],
+                model_version=move.version,
+                previous_version=move.previous,
+                actor=move.actor,
+                reason=move.reason[:1024],
             )
         )
 

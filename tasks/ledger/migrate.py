@@ -13,11 +13,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import strata.migrations
-from strata.tasks.ledger.store import LedgerError, ledger_session, make_engine
+from strata.tasks.ledger.store import LedgerError, LedgerUnavailableError, ledger_session, make_engine
 
 MIGRATIONS = Path(strata.migrations.__file__).resolve().parent  # packaged with strata, editable or not
 VERSION_TABLE = "strata_alembic_version"  # MLflow and Prefect use alembic's default table
@@ -35,11 +37,22 @@ def alembic_config(url: str, connection: Connection | None = None) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    with _revision_named(revision):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "-1") -> None:
-    command.downgrade(alembic_config(url), revision)
+    with _revision_named(revision):
+        command.downgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def _revision_named(revision: str) -> Iterator[None]:
+    """Alembic's refusal of a revision it cannot find or move to, as the user's mistake it is."""
+    try:
+        yield
+    except CommandError as exc:
+        raise LedgerError(f"cannot migrate the ledger to {revision!r}: {exc}; see `strata db current`") from exc
 
 
 def head_revision() -> str | None:
@@ -53,6 +66,12 @@ def current_revision(url: str) -> str | None:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             return context.get_current_revision()
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise LedgerUnavailableError(
+            f"cannot reach the ledger database ({engine.url.render_as_string()}): {reason}; start it or fix "
+            "ledger_url in strata.toml (STRATA_LEDGER_URL)"
+        ) from exc
     finally:
         engine.dispose()
 

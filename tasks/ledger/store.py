@@ -36,6 +36,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, validates
 
+from strata.models.errors import UnavailableError, UserError
+
 logger = logging.getLogger(__name__)
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -45,8 +47,12 @@ NAMING = {
 }
 
 
-class LedgerError(RuntimeError):
+class LedgerError(UserError, RuntimeError):
     """The ledger refuses an operation; the message says what is in the way."""
+
+
+class LedgerUnavailableError(UnavailableError, LedgerError):
+    """The ledger database cannot be reached, or lost the connection mid-transaction (rolled back)."""
 
 
 class LearnerNameError(LedgerError, ValueError):
@@ -202,7 +208,7 @@ def ledger_session(engine: Engine) -> Iterator[Session]:
         if not exc.connection_invalidated:
             raise
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        raise LedgerError(
+        raise LedgerUnavailableError(
             f"lost the connection to the ledger database ({engine.url.render_as_string()}): "
             f"{reason}. Its open transaction was rolled back; run the command again once the "
             f"database is reachable."

@@ -1,0 +1,1 @@
+"""Orchestration with Prefect: deployments from prefect.yaml, running them, artifacts, the gpu limit."""

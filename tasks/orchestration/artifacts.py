@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import re
 from pathlib import Path
+from typing import cast
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -30,8 +31,13 @@ class TrainingProgress:
     """Updates one progress artifact per increment from the engine's epoch reports."""
 
     def __init__(self, learner: str, task_index: int):
-        self.artifact_id: UUID = create_progress_artifact(
-            0.0, key=artifact_key("training", learner), description=f"{learner}: training task {task_index}"
+        # Prefect's async_dispatch types the result as "UUID or coroutine"; training runs in synchronous
+        # tasks, where it calls the synchronous implementation, which returns the UUID.
+        self.artifact_id = cast(
+            UUID,
+            create_progress_artifact(
+                0.0, key=artifact_key("training", learner), description=f"{learner}: training task {task_index}"
+            ),
         )
 
     def __call__(self, report: EpochReport) -> None:

@@ -20,13 +20,15 @@ from typing import Any
 
 import yaml
 
+from strata.models.errors import UserError
+
 PREFECT_FILE = "prefect.yaml"
 LEARNER_VAR = "STRATA_LEARNER"
 WORKSPACE_VAR = "STRATA_WORKSPACE"
 PLACEHOLDER = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")
 
 
-class DeploymentError(ValueError):
+class DeploymentError(UserError, ValueError):
     """The deployments cannot be declared or applied as asked; the message says what to fix."""
 
 
@@ -178,10 +180,12 @@ def apply_to_pool(declared: list[Declared], pool: str | None) -> list[str]:
     (module entrypoints need none) and without its worker look-up, which 3.8.8's sync client sends
     malformed.
     """
-    pools = [pool or item.pool.get("name") for item in declared]
-    for item, name in zip(declared, pools, strict=True):
+    pools: list[str] = []
+    for item in declared:
+        name = pool or item.pool.get("name")
         if not name:
             raise DeploymentError(f"deployment {item.full_name!r} names no work pool; pass --pool")
+        pools.append(name)
     for name in dict.fromkeys(pools):
         ensure_pool(name)
     return [str(runner_deployment(item).apply(work_pool_name=name)) for item, name in zip(declared, pools, strict=True)]

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from strata.models.errors import UnavailableError
 from strata.tasks.ledger.increments import learners as ledger_learners
 from strata.tasks.ledger.migrate import ledger
 from strata.tasks.orchestration.deployments import (
@@ -24,10 +25,14 @@ from strata.tasks.orchestration.deployments import (
     runner_deployment,
 )
 from strata.tasks.orchestration.gpu_slots import GPU_LIMIT, ensure_limit
-from strata.tasks.workspace.settings import StrataSettings, load_settings
+from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
 from strata.tasks.workspace.setup import find_workspace
 
 DEFAULT_POOL = "strata"
+
+
+class PrefectUnavailableError(UnavailableError):
+    """The configured Prefect API does not answer: nothing can be deployed, served or run until it does."""
 
 
 def declared_deployments(
@@ -48,12 +53,22 @@ def declared_deployments(
 
 
 def _require_api() -> None:
+    """A configured Prefect API that answers its health check, before anything is declared on it."""
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if not url:
         raise DeploymentError(
             "no Prefect API configured: start a server (`prefect server start --host 127.0.0.1`) "
             "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise PrefectUnavailableError(
+            f"the Prefect API at {redact_url(url)} does not answer ({failure}): start the server "
+            "(`prefect server start --host 127.0.0.1`) or fix PREFECT_API_URL"
         )
 
 

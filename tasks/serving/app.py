@@ -28,6 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from strata.models.errors import UserError
 from strata.tasks.serving.batcher import MicroBatcher
 from strata.tasks.serving.loaded_model import LoadedModel, ModelLoadError, RequestError, load_model
 from strata.tasks.serving.sources import ModelSource
@@ -37,7 +38,7 @@ API_KEY_HEADER = "X-API-Key"
 OPEN_PATHS = frozenset({"/health"})
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """The server cannot start as asked (unsafe bind, no servable model)."""
 
 

@@ -66,7 +66,8 @@ class MicroBatcher:
         return rows
 
     def _take(self) -> list[_Pending]:
-        model, taken, rows = self._queue[0].model, [], 0
+        model, rows = self._queue[0].model, 0
+        taken: list[_Pending] = []
         while self._queue and self._queue[0].model is model:
             size = len(self._queue[0].rows)
             if taken and rows + size > self.max_batch:

@@ -22,8 +22,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
+from strata.models.errors import UnavailableError
 from strata.models.transforms import TransformConfig, test_transform
-from strata.tasks.export.onnx_graph import LABELS_FILE, META_FILE, MODEL_FILE
+from strata.tasks.export.layout import LABELS_FILE, META_FILE, MODEL_FILE
 from strata.tasks.serving.providers import create_session, preferred_providers
 from strata.tasks.serving.sources import ModelRef
 
@@ -32,7 +33,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UnavailableError, RuntimeError):
     """An export directory cannot be served (unreadable, inconsistent, or the graph fails to run)."""
 
 
@@ -144,6 +145,7 @@ def load_model(ref: ModelRef) -> LoadedModel:
 def _assemble(ref: ModelRef, session: ort.InferenceSession, labels: list[str], meta: dict) -> LoadedModel:
     spec = meta["input"]
     image_shape = tuple(int(d) for d in spec["shape"][1:])
+    dtype: np.dtype
     if spec["dtype"] == "uint8":
         height, width, _ = image_shape
         resample = PIL_RESAMPLE[meta.get("transforms", {}).get("interpolation", "bilinear")]

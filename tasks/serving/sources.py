@@ -15,15 +15,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from strata.tasks.export.onnx_graph import LABELS_FILE, META_FILE, MODEL_FILE
+from strata.models.errors import UserError
+from strata.tasks.export.layout import LABELS_FILE, META_FILE, MODEL_FILE
 
 VERSION_CHARS = 12
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(UserError, RuntimeError):
     """The source cannot say which model to serve (missing or unreadable export)."""
 
 
@@ -76,7 +78,7 @@ class ExportDirSource:
             digest = hashlib.sha256()
             for path in paths:
                 with path.open("rb") as handle:
-                    for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                    for chunk in iter(partial(handle.read, 1 << 20), b""):
                         digest.update(chunk)
             self._cache = (stamp, digest.hexdigest()[:VERSION_CHARS])
         return self._cache[1]

@@ -8,12 +8,13 @@ its reasons are logged with the run and recorded in the ledger.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
+
+from strata.tasks.ledger.increments import LearnedTask
+from strata.tasks.tracking.figures import IncrementMetrics
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -28,8 +29,31 @@ class GateConfig(BaseModel):
     accuracy_floor: float = Field(0.0, ge=0, le=1, description="minimum A_t of a champion")
 
 
-@dataclass(frozen=True)
-class GateDecision:
+class CandidateFigures(BaseModel):
+    """A candidate as the gate sees it: its R row, the test-set sizes of the tasks it covers, its A_t."""
+
+    model_config = ConfigDict(frozen=True)
+
+    row: list[float]
+    test_sizes: list[int]
+    accuracy: float
+
+
+class ChampionFigures(BaseModel):
+    """The current champion: the ``champion`` alias's version (None: no alias yet) and, when the ledger
+    recorded that version, the task it was registered at and its A_t then (else the gate has nothing
+    to compare with, and the version is only what the promotion record names as the previous one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str | None = None
+    task_index: int | None = None
+    accuracy: float | None = None
+
+
+class GateDecision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     promote: bool
     reasons: list[str]
     champion_version: str | None
@@ -39,35 +63,39 @@ def weighted(accuracies: list[float], sizes: list[int]) -> float:
     return float(np.dot(accuracies, sizes) / max(sum(sizes), 1))
 
 
-def decide(
-    config: GateConfig,
-    row: list[float],
-    sizes: list[int],
-    accuracy: float,
-    champion_version: str | None,
-    champion_task: int | None,
-    champion_accuracy: float | None,
-) -> GateDecision:
+def decide(config: GateConfig, candidate: CandidateFigures, champion: ChampionFigures) -> GateDecision:
     """Compare a candidate (its R row and A_t) with the current champion (its task and A_t)."""
     reasons, promote = [], True
+    accuracy = candidate.accuracy
     if accuracy < config.accuracy_floor:
         promote = False
         reasons.append(f"A_t {accuracy:.4f} is below the floor {config.accuracy_floor:.4f}")
     else:
         reasons.append(f"A_t {accuracy:.4f} reaches the floor {config.accuracy_floor:.4f}")
-    if champion_version is None or champion_task is None or champion_accuracy is None:
+    if champion.version is None or champion.task_index is None or champion.accuracy is None:
         reasons.append("no champion yet")
     else:
-        on_champion_classes = weighted(row[: champion_task + 1], sizes[: champion_task + 1])
-        drop = champion_accuracy - on_champion_classes
+        covered = champion.task_index + 1
+        on_champion_classes = weighted(candidate.row[:covered], candidate.test_sizes[:covered])
+        drop = champion.accuracy - on_champion_classes
         verdict = "within" if drop <= config.old_accuracy_budget + 1e-12 else "beyond"
         promote = promote and verdict == "within"
         reasons.append(
-            f"accuracy on champion v{champion_version}'s classes {on_champion_classes:.4f} vs its "
-            f"{champion_accuracy:.4f}: drop {drop:.4f} {verdict} the budget "
+            f"accuracy on champion v{champion.version}'s classes {on_champion_classes:.4f} vs its "
+            f"{champion.accuracy:.4f}: drop {drop:.4f} {verdict} the budget "
             f"{config.old_accuracy_budget:.4f}"
         )
-    return GateDecision(promote, reasons, champion_version)
+    return GateDecision(promote=promote, reasons=reasons, champion_version=champion.version)
+
+
+def champion_figures(client: MlflowClient, name: str, history: list[LearnedTask]) -> ChampionFigures:
+    """The champion of registered model ``name``, from its alias and the learner's succeeded increments."""
+    version = alias_version(client, name, CHAMPION)
+    for learned in history:
+        if learned.model_version == version:
+            recorded = IncrementMetrics.model_validate(learned.metrics)
+            return ChampionFigures(version=version, task_index=learned.task_index, accuracy=recorded.accuracy)
+    return ChampionFigures(version=version)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

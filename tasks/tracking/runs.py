@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,15 @@ from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.models import infer_signature
+from pydantic import BaseModel, ConfigDict
 
+from strata.tasks.tracking.figures import IncrementFigures
 from strata.tasks.workspace.settings import StrataSettings, redact_url
 
+DISTRIBUTION = "strata-cil"  # the PyPI name (plain "strata" is an unrelated project there)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SERVER_SCHEMES = ("http://", "https://", "databricks")  # stores behind a tracking server
 STORE_LOCK_TIMEOUT_S = 600  # creating a store runs MLflow's whole migration history: seconds, on a busy disk more
-STEP_METRICS = ("accuracy", "task_averaged_accuracy", "forgetting", "backward_transfer", "old_accuracy", "new_accuracy")
 
 
 def model_name(learner: str) -> str:
@@ -109,67 +112,98 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def log_increment(
-    task_index: int,
-    params: dict[str, Any],
-    summary: dict[str, Any],
-    losses: list[float],
-    tags: dict[str, str],
-    data: dict[str, str],
-    files: list[Path],
-    state_dir: Path,
-) -> str:
-    """Log one increment into the active child run; returns nothing but what MLflow stored."""
-    mlflow.log_params({k: str(v)[:6000] for k, v in flatten("", params).items()})
-    mlflow.set_tags(tags)
-    step_values = {}
-    for name in STEP_METRICS:
-        value = summary[name][task_index]
-        if value is not None:
-            step_values[name] = value
-    step_values["average_incremental_accuracy"] = summary["average_incremental_accuracy"]
-    mlflow.log_metrics(step_values, step=task_index)
-    for epoch, loss in enumerate(losses):
+class MethodParams(BaseModel):
+    """An increment's run params: the method and its resolved config, the backbone and its weights, the seed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str
+    config: dict[str, Any]
+    backbone: str
+    backbone_source: str
+    weights_fingerprint: str
+    seed: int
+
+
+class DataInput(BaseModel):
+    """The data version an increment learned, as the run's dataset input: where it is and which DVC md5 and git
+    revision it was pinned at."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    name: str
+    md5: str
+    git_rev: str
+
+
+class IncrementLog(BaseModel):
+    """What one increment's child run holds: params, tags, its figures at step = task index, the training losses
+    per epoch, the data input, the report files and the state folder (artifacts ``state/``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    params: MethodParams
+    tags: dict[str, str]
+    figures: IncrementFigures
+    losses: list[float]
+    data: DataInput
+    files: list[Path]
+    state_dir: Path
+
+
+class ModelPackage(BaseModel):
+    """What a registered version is made of: the state folder, the classes it predicts, the image size of its
+    input example and the backbone weights file its pyfunc loads (None: timm's)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state_dir: Path
+    class_names: list[str]
+    image_size: int
+    weights: str | None
+
+
+def log_increment(log: IncrementLog) -> None:
+    """Log one increment into the active child run."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten("", log.params.model_dump(mode="json")).items()})
+    mlflow.set_tags(log.tags)
+    mlflow.log_metrics(log.figures.step_metrics(), step=log.figures.task_index)
+    for epoch, loss in enumerate(log.losses):
         mlflow.log_metric("train_loss", loss, step=epoch)
     with warnings.catch_warnings():  # two registered local sources match a path; both are the same class
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(data["uri"])
+        source = resolve_dataset_source(log.data.uri)
     mlflow.log_input(
-        MetaDataset(source, name=data["name"], digest=data["md5"][:36]),
+        # mlflow's Dataset declares profile abstract but is no ABC at run time; MetaDataset leaves it unset
+        MetaDataset(source, name=log.data.name, digest=log.data.md5[:36]),  # type: ignore[abstract]
         context="training",
-        tags={"git_rev": data["git_rev"], "dvc_md5": data["md5"]},
+        tags={"git_rev": log.data.git_rev, "dvc_md5": log.data.md5},
     )
-    for path in files:
+    for path in log.files:
         mlflow.log_artifact(str(path))
-    mlflow.log_artifacts(str(state_dir), artifact_path="state")
-    return mlflow.active_run().info.run_id
+    mlflow.log_artifacts(str(log.state_dir), artifact_path="state")
 
 
-def log_parent_metrics(client: MlflowClient, parent_run_id: str, task_index: int, summary: dict[str, Any]) -> None:
+def log_parent_metrics(client: MlflowClient, parent_run_id: str, figures: IncrementFigures) -> None:
     """The parent run carries the learner's curve across all increments of this invocation."""
     for key in ("accuracy", "average_incremental_accuracy"):
-        value = summary[key][task_index] if key == "accuracy" else summary[key]
-        client.log_metric(parent_run_id, key, value, step=task_index)
+        client.log_metric(parent_run_id, key, getattr(figures, key), step=figures.task_index)
 
 
-def log_and_register(
-    learner: str,
-    state_dir: Path,
-    example: np.ndarray,
-    class_names: list[str],
-    weights: str | None,
-    tags: dict[str, str],
-) -> str:
+def log_and_register(learner: str, model: ModelPackage, tags: dict[str, str]) -> str:
     """Log the pyfunc (models from code, signature + input example) and register it; returns the version."""
-    signature = infer_signature(example, np.array(class_names[:1] * len(example)))
+    size = model.image_size
+    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    signature = infer_signature(example, np.array(model.class_names[:1] * len(example)))
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
-        artifacts={"state": str(state_dir)},
+        artifacts={"state": str(model.state_dir)},
         signature=signature,
         input_example=example,
-        model_config={"weights": weights} if weights else None,
-        pip_requirements=["strata"],
+        model_config={"weights": model.weights} if model.weights else None,
+        pip_requirements=[f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"],
     )
     version = mlflow.register_model(info.model_uri, model_name(learner), tags=tags)
     return str(version.version)

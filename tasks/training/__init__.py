@@ -1,0 +1,1 @@
+"""Training side effects: restoring a method from its state, the on-disk feature cache, multi-process runs."""

@@ -18,14 +18,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from strata.tasks.workspace.settings import StrataSettings
+
 logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
 SUFFIX = ".safetensors"
 
 
+def features_folder(settings: StrataSettings) -> Path:
+    """Where a workspace keeps its feature cache (one folder for the flow and its training processes)."""
+    return settings.state_dir / "cache" / "features"
+
+
 class DiskFeatureCache:
-    """A :class:`~strata.models.engine.FeatureCache` in ``folder`` (created on first write)."""
+    """A :class:`~strata.models.features.FeatureCache` in ``folder`` (created on first write)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from strata.models.backbones import build_backbone
-from strata.models.engine import Engine, init_distributed, is_main_process, seed_everything
+from strata.models.distributed import init_distributed, is_main_process
+from strata.models.engine import Engine, seed_everything
 from strata.models.methods import Method, create_method
 from strata.models.streams import Task
 from strata.tasks.training.feature_cache import DiskFeatureCache

@@ -1,0 +1,1 @@
+"""Workspaces: settings, ``strata init``, and writes the file system refuses."""

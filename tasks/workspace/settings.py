@@ -15,11 +15,13 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from strata.models.errors import UserError
+
 SETTINGS_FILE = "strata.toml"
 STATE_DIR = ".strata"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """Settings cannot be read; the message names the file or variable to fix."""
 
 

@@ -19,6 +19,7 @@ from strata.tasks.ledger import migrate
 from strata.tasks.workspace.settings import SETTINGS_FILE, STATE_DIR, StrataSettings, load_settings
 
 REMOTE_NAME = "strata"
+WORKSPACE_MARKERS = (SETTINGS_FILE, ".dvc")  # a folder holding either is a workspace root
 SETTINGS_TEMPLATE = """\
 # Strata workspace settings; STRATA_* environment variables override them.
 # ledger_url = "postgresql+psycopg://user@host/strata"   # default: sqlite in .strata/strata.db
@@ -29,7 +30,7 @@ SETTINGS_TEMPLATE = """\
 def find_workspace(start: Path | None = None) -> Path:
     """The workspace containing ``start`` (default cwd): nearest folder with strata.toml, else with .dvc/."""
     start = (start or Path.cwd()).resolve()
-    for marker in (SETTINGS_FILE, ".dvc"):
+    for marker in WORKSPACE_MARKERS:
         for folder in (start, *start.parents):
             if (folder / marker).exists():
                 return folder

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from strata.models.errors import UserError
+
 REFUSED_WRITES = {
     errno.ENOSPC: "free space on that file system",
     errno.EDQUOT: "free space or raise the quota",
@@ -19,7 +21,7 @@ REFUSED_WRITES = {
 }
 
 
-class WorkspaceWriteError(RuntimeError):
+class WorkspaceWriteError(UserError, RuntimeError):
     """The file system refused a write (full, over quota, read-only); the message names the path and the fix."""
 
 
@@ -70,7 +72,8 @@ def workspace_writes(action: str) -> Iterator[None]:
         yield
     except Exception as exc:
         refused = refused_write(exc)
-        if refused is None:
+        # refused_write returns only errors whose errno is in REFUSED_WRITES; the errno test narrows the type
+        if refused is None or refused.errno is None:
             raise
         named = next((e for e in (refused, quiet.first) if e is not None and e.filename), None)
         path = (named.filename2 or named.filename) if named else "the workspace"
