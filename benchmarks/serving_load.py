@@ -48,6 +48,7 @@ from strata.models.methods import create_method
 from strata.tasks.export.onnx_graph import export_method
 from strata.tasks.tracking import promotion, runs
 from strata.tasks.workspace.settings import StrataSettings, load_settings
+from strata.tasks.workspace.setup import init_workspace
 
 LEARNER = "load"
 FIRST_MESSAGES = 5
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.setup(args)
     api_key, wrong_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="strata-load-") as scratch, ThreadPoolExecutor(1) as pool:
+        init_workspace(Path(scratch) / "workspace")  # a real workspace: `strata serve --workspace` checks for one
         versions = Versions(load_settings(Path(scratch) / "workspace"), args.backbone)
         old = versions.register(2)
         versions.move_champion(old)

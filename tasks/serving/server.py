@@ -1,4 +1,4 @@
-"""``strata serve``: run the model server (tasks/serving.py) under uvicorn until interrupted."""
+"""``strata serve``: run the model server (``strata.tasks.serving.app``) under uvicorn until interrupted."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def serve(source: ModelSource, host: str = "127.0.0.1", port: int = 8000, config
 def _log_to_console() -> None:
     """Strata's own INFO lines (model loaded, provider in use, reloads) next to uvicorn's.
 
-    Set on the ``tasks``/``flows`` loggers, not the root: importing Prefect has configured the root already.
+    Set on the ``strata`` logger (every module's logger is below it), not the root: importing Prefect has
+    configured the root already.
     """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-    for name in ("tasks", "flows"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    logger = logging.getLogger("strata")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
