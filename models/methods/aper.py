@@ -111,16 +111,7 @@ class Aper(Method[AperConfig]):
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
         losses = self._adapt(task, engine) if task.index == 0 else []
         self.eval()
-        transform = self.test_transform()
-        add_prototypes(
-            self.head,
-            self.features,
-            task,
-            transform,
-            engine,
-            self.config.eval_batch_size,
-            self.feature_cache_key(task, transform, "train"),
-        )
+        add_prototypes(self, self.features, self.head, task, engine)
         return losses
 
     def feature_identity(self) -> str:

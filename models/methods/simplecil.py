@@ -7,6 +7,8 @@ over all seen classes (RevisitingCIL ``models/simplecil.py``). Nothing is traine
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from strata.models.engine import Engine, TrainConfig
@@ -32,16 +34,7 @@ class SimpleCIL(Method[SimpleCILConfig]):
         self.head.grow(num_new)
 
     def fit_task(self, task: Task, engine: Engine) -> list[float]:
-        transform = self.test_transform()
-        add_prototypes(
-            self.head,
-            self.features,
-            task,
-            transform,
-            engine,
-            self.config.eval_batch_size,
-            self.feature_cache_key(task, transform, "train"),
-        )
+        add_prototypes(self, self.features, self.head, task, engine)
         return []
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -52,17 +45,15 @@ class SimpleCIL(Method[SimpleCILConfig]):
 
 
 def add_prototypes(
-    head: CosineClassifier,
-    features,
-    task: Task,
-    transform,
-    engine: Engine,
-    batch_size: int,
-    cache_key: str | None = None,
+    method: Method, features: Callable[[torch.Tensor], torch.Tensor], head: CosineClassifier, task: Task, engine: Engine
 ) -> None:
-    """Embed the task's training images once (test transform, inference mode) and write class means;
-    with a ``cache_key`` the engine may serve the embeddings from its feature cache."""
-    embedded, labels = engine.extract(features, task.train.with_transform(transform), batch_size, cache_key)
+    """Embed the task's training images once through ``features`` (the method's test transform, inference mode)
+    and write their class means into ``head``; the engine may serve the embeddings from its feature cache."""
+    transform = method.test_transform()
+    cache_key = method.feature_cache_key(task, transform, "train")
+    embedded, labels = engine.extract(
+        features, task.train.with_transform(transform), method.config.eval_batch_size, cache_key
+    )
     head.set_prototypes(torch.tensor(task.class_ids), class_means(embedded, labels, task.class_ids))
 
 
