@@ -45,6 +45,7 @@ from PIL import Image
 
 from benchmarks import common
 from strata.models.methods import create_method
+from strata.tasks.export.layout import published
 from strata.tasks.export.onnx_graph import export_method
 from strata.tasks.tracking import promotion, runs
 from strata.tasks.workspace.settings import StrataSettings, load_settings
@@ -147,7 +148,8 @@ class Versions:
             self.method.begin_task(next(self.tasks))
         folder = self.settings.state_dir / "exports" / LEARNER
         version = str(self.client.create_model_version(self.name, source=folder.resolve().as_uri()).version)
-        export_method(self.method.eval(), folder / f"v{version}", extra_meta={"version": version, "learner": LEARNER})
+        with published(folder / f"v{version}") as out:  # complete with its manifest, as `strata export` leaves it
+            export_method(self.method.eval(), out, extra_meta={"version": version, "learner": LEARNER})
         return version
 
     def move_champion(self, version: str) -> None:

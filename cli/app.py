@@ -6,7 +6,7 @@ importing them here, in this order, is what ``strata --help`` lists.
 
 from __future__ import annotations
 
-from strata.cli import benchmark, data, demo, learn, orchestration, serving  # noqa: F401  (registers the commands)
+from strata.cli import benchmark, data, demo, doctor, learn, orchestration, serving  # noqa: F401  (registers the commands)
 from strata.cli.common import app
 
 __all__ = ["app"]

@@ -91,8 +91,30 @@ def require_workspace(given: Path | None) -> Path | None:
     return given
 
 
+# commands that must run whatever state the stores are in: they inspect, migrate or repair them
+UNCHECKED_COMMANDS = {"db", "doctor"}
+
+
 def _workspace_callback(ctx: typer.Context, given: Path | None) -> Path | None:
-    return given if ctx.resilient_parsing else require_workspace(given)
+    if ctx.resilient_parsing:
+        return given
+    checked = require_workspace(given)
+    _check_stores(ctx, checked)
+    return checked
+
+
+def _check_stores(ctx: typer.Context, workspace: Path | None) -> None:
+    """The workspace's stores, checked to be present, intact and its own before the command touches any (and a
+    move or copy of the workspace recorded): ``strata.tasks.workspace.identity``. ``db upgrade`` only refuses to
+    start an empty ledger where a lost one left MLflow runs behind."""
+    from strata.tasks.workspace import identity
+
+    names = {ctx.info_name, ctx.parent.info_name if ctx.parent else None}
+    if names & UNCHECKED_COMMANDS:
+        if names >= {"db", "upgrade"}:
+            identity.refuse_a_lost_ledger(workspace_settings(workspace))
+        return
+    identity.open_workspace(workspace_settings(workspace))
 
 
 WorkspaceOption = Annotated[

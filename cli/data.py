@@ -37,7 +37,9 @@ def init(
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="ImageFolder tree (class/*.jpg or train/ + test/) or .zip/.tar(.gz)")],
+    source: Annotated[
+        Path, typer.Argument(help="ImageFolder tree (class/*.jpg or train/ + test/) or .zip/.tar(.gz/.bz2/.xz)")
+    ],
     learner: Annotated[str, typer.Option(help="the learner this batch of new classes is for")],
     test_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="test share when SRC has no split")] = 0.25,
     seed: Annotated[int, typer.Option(help="seed of that train/test split")] = 0,

@@ -42,25 +42,33 @@ def learn(
 
     if method is not None:
         method_entry(method)  # an unknown name fails here, not in a flow run
-    result = learn_flow(
-        LearnParams(
-            learner=learner,
-            method=method,
-            backbone=backbone,
-            weights=str(weights) if weights else None,
-            config=_json_option(config),
-            gate=GateConfig(old_accuracy_budget=budget, accuracy_floor=floor),
-            seed=seed,
-            device=device,
-            processes=processes,
-            workspace=str(workspace) if workspace else None,
-        )
+    params = LearnParams(
+        learner=learner,
+        method=method,
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        config=_json_option(config),
+        gate=GateConfig(old_accuracy_budget=budget, accuracy_floor=floor),
+        seed=seed,
+        device=device,
+        processes=processes,
+        workspace=str(workspace) if workspace else None,
     )
+    try:
+        result = learn_flow(params)
+    except Exception as exc:  # what was learned before a later task failed; the error line follows
+        for note in getattr(exc, "__notes__", []):
+            console.print(note, highlight=False)
+        raise
     if not result["learned"]:
         console.print(f"learner {learner!r} has nothing new to learn ({result['tasks']} tasks learned)")
     for item in result["learned"]:
         verdict = "promoted to champion" if item["promoted"] else "not promoted"
-        console.print(f"learned {item['batch_id']}: A_t {_pct(item['accuracy'])}, {verdict}")
+        console.print(
+            f"learned {item['batch_id']} (task {item['task']}) → version {item['version']}: "
+            f"A_t {_pct(item['accuracy'])}, {verdict}",
+            highlight=False,
+        )
 
 
 @app.command()

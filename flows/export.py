@@ -1,8 +1,9 @@
 """The ``export`` flow: a registered version (or the one an alias points at) → one ONNX graph.
 
 Rebuild the method from the version's state → export (dynamo, dynamic batch) → ``onnx.checker`` →
-parity gate against PyTorch → ``labels.json`` + ``model.json`` → log the graph with the onnx flavor on
-the version's run and tag the version. A failed parity gate raises before anything is logged.
+parity gate against PyTorch → ``labels.json`` + ``model.json`` → manifest, renamed into place
+(``strata.tasks.export.layout.published``) → log the graph with the onnx flavor on the version's run and
+tag the version. A failed parity gate raises before anything is logged or published.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from strata.tasks.export.layout import MODEL_FILE, manifest_problem, published
 from strata.tasks.export.onnx_graph import export_method
 from strata.tasks.export.registered import RegistrySource, download_state, log_onnx, resolve_version
 from strata.tasks.export.triton import write_triton_repository
 from strata.tasks.ledger.store import LEARNER_NAME
 from strata.tasks.tracking import runs
 from strata.tasks.training.restore import restore_method
+from strata.tasks.workspace.identity import open_mlflow_store
 from strata.tasks.workspace.settings import StrataSettings, load_settings
 from strata.tasks.workspace.setup import find_workspace
 
@@ -51,27 +54,30 @@ def export_version(settings: StrataSettings, params: ExportParams) -> dict[str, 
             download_state(client, settings, params.learner, version, Path(scratch)), params.weights
         )
     tags = client.get_model_version(runs.model_name(params.learner), version).tags
-    result = export_method(
-        method,
-        out,
-        params.opset,
-        params.fp16,
-        params.preprocess_hw,
-        extra_meta={
-            "version": version,
-            "learner": params.learner,
-            "data_version": tags.get("strata.batch_id"),
-            "dvc_md5": tags.get("strata.dvc_md5"),
-        },
-    )
+    workspace = open_mlflow_store(settings)
+    with published(out) as folder:  # ``out`` appears complete, with its manifest, or not at all
+        result = export_method(
+            method,
+            folder,
+            params.opset,
+            params.fp16,
+            params.preprocess_hw,
+            extra_meta={
+                "version": version,
+                "learner": params.learner,
+                "data_version": tags.get("strata.batch_id"),
+                "dvc_md5": tags.get("strata.dvc_md5"),
+                "workspace_id": workspace.id if workspace else None,  # whose stores it came from
+            },
+        )
     report = {"version": version, "directory": str(out), "parity": result.meta["parity"]}
     if params.log_model:
-        report["model_uri"] = log_onnx(client, params.learner, version, result.model_path, out)
+        report["model_uri"] = log_onnx(client, params.learner, version, out / MODEL_FILE, out)
     if params.triton:
-        folder = write_triton_repository(
-            result.model_path, Path(params.triton), runs.model_name(params.learner), int(version)
+        triton = write_triton_repository(
+            out / MODEL_FILE, Path(params.triton), runs.model_name(params.learner), int(version)
         )
-        report["triton"] = str(folder)
+        report["triton"] = str(triton)
     return report
 
 
@@ -89,7 +95,7 @@ def registry_source(
 
     def ensure_export(version: str) -> Path:
         folder = settings.state_dir / "exports" / learner / f"v{version}"
-        if not (folder / "model.onnx").is_file():
+        if manifest_problem(folder) is not None:  # absent, or left half-written by an export before this one
             export_version(
                 settings, ExportParams(learner=learner, version=version, weights=weights, workspace=workspace)
             )

@@ -10,6 +10,7 @@ ledger's last good state and the ``champion`` alias untouched; the next ``learn`
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -22,17 +23,18 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from strata.models.backbones import build_backbone
 from strata.models.engine import Engine, seed_everything
 from strata.models.evaluation import evaluate
-from strata.models.methods import Method, create_method
+from strata.models.methods import Method, create_method, method_config
 from strata.models.metrics import accuracy_matrix, summarize
 from strata.models.streams import LabelledDataset, Stream, stream_from_batches
 from strata.tasks.data.materialise import materialise
 from strata.tasks.ledger.increments import (
     LearnedTask,
+    LearnerConfigError,
     configure_learner,
     fail_interrupted_increments,
     learned_tasks,
@@ -48,6 +50,7 @@ from strata.tasks.tracking.recorder import IncrementRecord, IncrementRecorder, R
 from strata.tasks.tracking.reports import CURVE_FILE, MATRIX_FILE, write_report
 from strata.tasks.training.feature_cache import DiskFeatureCache, features_folder
 from strata.tasks.training.launcher import TrainJob, train_on_processes
+from strata.tasks.workspace.identity import open_workspace
 from strata.tasks.workspace.settings import StrataSettings, load_settings, redact_url
 from strata.tasks.workspace.setup import find_workspace
 
@@ -133,9 +136,15 @@ class LearnerBacklog(BaseModel):
 
 
 class LearnedVersion(BaseModel):
+    task: int
     batch_id: str
+    version: str
     accuracy: float
     promoted: bool
+
+    def summary(self) -> str:
+        verdict = "champion" if self.promoted else "not promoted"
+        return f"task {self.task} ({self.batch_id}) → version {self.version}, {verdict}"
 
 
 class LearnResult(BaseModel):
@@ -189,7 +198,7 @@ def train(run: Learning, stream: Stream) -> tuple[Method, list[float]]:
                 out=scratch,
                 weights=run.spec.weights,
                 config=run.method.config.model_dump(mode="json"),
-                state=run.history[-1].checkpoint_uri if run.history else None,
+                state=str(run.settings.resolve(run.history[-1].checkpoint_uri)) if run.history else None,
                 seed=run.params.seed,
                 device=run.engine.device.type,
                 feature_cache=str(features_folder(run.settings)),
@@ -289,10 +298,12 @@ def learn_increment(run: Learning, version: PendingVersion) -> RecordedIncrement
 def learn(params: LearnParams) -> dict[str, Any]:
     """Learn every pending data version of ``params.learner``; returns what was learned."""
     settings = load_settings(params.workspace or find_workspace())
+    open_workspace(settings)  # this workspace's stores, intact (a deployment run comes here without the CLI)
     db = migrated_engine(settings.ledger_url)
     try:
-        with ledger_session(db) as session:
+        with ledger_session(db) as session:  # a config the method rejects rolls this back: nothing is stored
             learner = configure_learner(session, params.learner, params.method, params.backbone, params.config)
+            check_method_config(learner, asked=bool(params.config))
             learner_id = learner.id
         holder = process_holder(str(flow_run.get_id() or "local"))
         with learner_lease(db, learner_id, holder, timedelta(minutes=params.lease_minutes)):
@@ -322,11 +333,27 @@ def learn(params: LearnParams) -> dict[str, Any]:
         db.dispose()
 
 
+def check_method_config(learner: Learner, asked: bool) -> None:
+    """Refuse a method config the learner's method rejects, before a row holding it is committed (a stored bad
+    config would fail every later ``learn`` of the learner)."""
+    try:
+        method_config(learner.method or "simplecil", learner.method_config)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'config'}: {error['msg']}" for error in exc.errors()
+        )
+        source = "--config" if asked else f"the stored method config of learner {learner.name!r}"
+        raise LearnerConfigError(
+            f"{source} {json.dumps(learner.method_config)} is not a valid {learner.method} config ({problems}); "
+            "fix or drop those keys in --config and run strata learn again"
+        ) from exc
+
+
 def _learn_pending(settings: StrataSettings, params: LearnParams, backlog: LearnerBacklog) -> LearnResult:
     seed_everything(params.seed)
     method = backlog.spec.build()
     if backlog.history:
-        method.load_state(backlog.history[-1].checkpoint_uri)
+        method.load_state(settings.resolve(backlog.history[-1].checkpoint_uri))
     engine = Engine(
         params.device or settings.device or None,
         seed=params.seed,
@@ -340,7 +367,7 @@ def _learn_pending(settings: StrataSettings, params: LearnParams, backlog: Learn
             "marked MLflow runs %s of learner %s KILLED: their learn ended without closing them", killed, params.learner
         )
     flow_run_id = str(flow_run.get_id() or "")
-    learned = []
+    learned: list[LearnedVersion] = []
     with runs.learn_run(client, settings, params.learner, {"strata.prefect_flow_run_id": flow_run_id}) as parent_run_id:
         scope = RecorderScope(
             learner=params.learner, learner_id=backlog.learner_id, parent_run_id=parent_run_id, flow_run_id=flow_run_id
@@ -348,10 +375,18 @@ def _learn_pending(settings: StrataSettings, params: LearnParams, backlog: Learn
         recorder = IncrementRecorder(settings, scope, runs.log_and_register, run_as_task)
         run = Learning(settings, params, backlog.spec, method, engine, list(backlog.history), datasets, recorder)
         for version in backlog.pending:
-            recorded = learn_increment(run, version)
+            try:
+                recorded = learn_increment(run, version)
+            except Exception as exc:
+                if learned:  # the CLI prints notes before the error: what this call recorded before it failed
+                    done = "; ".join(f"learned {item.summary()}" for item in learned)
+                    exc.add_note(f"{done}; task {len(run.history)} ({version.batch_id}) failed:")
+                raise
             learned.append(
                 LearnedVersion(
+                    task=recorded.record.task_index,
                     batch_id=version.batch_id,
+                    version=recorded.version,
                     accuracy=recorded.record.metrics().accuracy,
                     promoted=recorded.record.decision.promote,
                 )

@@ -9,7 +9,8 @@ The categories live here, in the bottom layer, so that every layer (models, task
 raise them. Concrete errors keep their builtin base too (``class DatasetError(UserError, ValueError)``),
 so code that catches ``ValueError`` or ``RuntimeError`` keeps working.
 
-Exit codes: 0 done · 1 a bug · 2 ``UserError`` · 3 ``UnavailableError``.
+Exit codes: 0 done · 1 a bug · 2 ``UserError`` · 3 ``UnavailableError`` · 4 ``strata doctor`` found broken
+links between the stores (a finding, not an error: the command itself completed).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from strata.models.errors import UserError
+from strata.models.images import ImageError, decode, to_rgb
 
 ImageSource = str | Path | np.ndarray  # a file path, or an HxW / HxWxC uint8 array
 
@@ -63,14 +64,13 @@ class LabelledImages(Dataset):
 
 
 def load_image(source: ImageSource) -> Image.Image:
-    """Decode one image as RGB; the error names the file that failed."""
+    """Decode one image as RGB with the decoder ingest and serving use; the error names the file that failed."""
     if isinstance(source, np.ndarray):
-        return Image.fromarray(source).convert("RGB")
+        return to_rgb(Image.fromarray(source))
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except Exception as exc:
-        raise StreamError(f"cannot read image {source}: {type(exc).__name__}: {exc}") from exc
+        return decode(source)
+    except (ImageError, OSError) as exc:
+        raise StreamError(f"cannot read image {source}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing checkpoint fails at once instead of retrying
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -57,6 +58,37 @@ def digit_batches(tmp_path_factory):
     from strata.tasks.data.demo_batches import write_digit_batches
 
     return write_digit_batches(tmp_path_factory.mktemp("incoming"))
+
+
+@pytest.fixture(scope="session")
+def learned_digits(tmp_path_factory, digit_batches, prefect_server) -> Path:
+    """A workspace whose learner ``digits`` ingested the first two digit batches and learned both through the
+    learn flow (v1, v2; champion v2 under a gate that passes anything), made once per session. Tests work on a
+    copy of it (a copy becomes a workspace of its own on first use) and never change it."""
+    from strata.flows.learn import LearnParams, learn
+    from strata.tasks.data.ingest import ingest
+    from strata.tasks.tracking.promotion import GateConfig
+    from strata.tasks.workspace.settings import load_settings
+    from strata.tasks.workspace.setup import init_workspace
+
+    root = tmp_path_factory.mktemp("learned-digits") / "ws"
+    init_workspace(root)
+    settings = load_settings(root)
+    for batch in digit_batches[:2]:
+        ingest(settings, batch, "digits")
+    lenient = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
+    learn(LearnParams(learner="digits", workspace=str(root), show_progress=False, gate=lenient))
+    return root
+
+
+def cp_a(source: Path, target: Path):
+    """``cp -a source target`` as a user copies a workspace; the copy's settings."""
+    import subprocess
+
+    from strata.tasks.workspace.settings import load_settings
+
+    subprocess.run(["cp", "-a", str(source), str(target)], check=True)
+    return load_settings(target)
 
 
 def free_port() -> int:

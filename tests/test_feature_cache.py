@@ -132,3 +132,12 @@ def test_disk_cache_rejects_non_digest_keys_and_leaves_no_temporaries(tmp_path):
     assert torch.equal(cache.get("ab" * 32)["features"], torch.ones(2, 3))
     assert cache.get("cd" * 32) is None
     assert [p.name for p in (tmp_path / "features").iterdir()] == ["ab" * 32 + ".safetensors"]
+
+
+def test_another_decoder_misses(task, tiny_backbone_factory, monkeypatch):
+    """Features embedded from an older decoder's pixels (e.g. 16-bit images read as white) are never reused."""
+    method = create_method("simplecil", tiny_backbone_factory())
+    transform = method.test_transform()
+    before = method.feature_cache_key(task, transform, "train")
+    monkeypatch.setattr("strata.models.methods.base.DECODER", "strata-images-0")
+    assert method.feature_cache_key(task, transform, "train") != before

@@ -43,6 +43,7 @@ from strata.tasks.data.validate import BatchRejectedError
 from strata.tasks.data.versioning import git
 from strata.tasks.ledger.increments import SucceededIncrement, configure_learner, finish_increment, start_increment
 from strata.tasks.ledger.store import Base, Learner, LearnerNameError, find_data_version, ledger_session, make_engine
+from strata.tasks.tracking import runs
 from strata.tasks.workspace.settings import SETTINGS_FILE, load_settings
 from strata.tasks.workspace.setup import init_workspace
 from tests.test_ingest import image_tree, png_bytes
@@ -414,6 +415,7 @@ def learned(workspace, tmp_path_factory):
         Engine("cpu", seed=0, show_progress=False),
     )
     state = method.save_state(settings.state_dir / "increments" / "zoo" / "task-000" / "state")
+    runs.configure(settings)  # the MLflow store a learn leaves: a ledger recording increments without one is refused
     db = make_engine(settings.ledger_url)
     with ledger_session(db) as session:
         learner_id = configure_learner(session, "zoo", "simplecil", "tiny", {}).id

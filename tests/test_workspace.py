@@ -85,11 +85,11 @@ def test_cli_ingest_data_and_db_commands(tmp_path):
     rejected = runner.invoke(app, ["ingest", str(source), "--learner", "pets", *ws])
     assert rejected.exit_code == 2 and "rejected" in rejected.output and "cat/0.png" in rejected.output
 
-    assert "ledger at revision 0002 (head 0002)" in runner.invoke(app, ["db", "current", *ws]).output
+    assert "ledger at revision 0003 (head 0003)" in runner.invoke(app, ["db", "current", *ws]).output
     assert "ledger at revision None" in runner.invoke(app, ["db", "downgrade", "base", *ws]).output
     refused = runner.invoke(app, ["data", "list", *ws])
     assert refused.exit_code == 2 and "strata db upgrade" in " ".join(refused.output.split())
-    assert "ledger at revision 0002" in runner.invoke(app, ["db", "upgrade", *ws]).output
+    assert "ledger at revision 0003" in runner.invoke(app, ["db", "upgrade", *ws]).output
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from torch import nn
 from strata.models.backbones import Backbone, weights_fingerprint
 from strata.models.engine import Engine, TrainConfig, TrainingHooks
 from strata.models.errors import UserError
+from strata.models.images import DECODER
 from strata.models.streams import Task
 from strata.models.transforms import TransformConfig, test_transform, train_transform
 
@@ -149,7 +150,7 @@ class Method(nn.Module, TrainingHooks, Generic[ConfigT]):
     def feature_cache_key(self, task: Task, transform, split: str) -> str | None:
         """The content key of ``task``'s ``split`` samples embedded by this method under ``transform``, or
         None (no caching) when the task's data have no content identity. Never keyed by object identity:
-        data md5, class ids (the cached labels are learning-order ids), feature identity, transform."""
+        data md5, class ids (the cached labels are learning-order ids), feature identity, transform, decoder."""
         if not task.data_key:
             return None
         parts = [
@@ -160,6 +161,7 @@ class Method(nn.Module, TrainingHooks, Generic[ConfigT]):
             repr(transform),
             self.config.transforms.model_dump_json(),
             str(self.backbone.image_size),
+            DECODER,
         ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from strata.models.errors import UserError
-from strata.tasks.data.validate import BatchPlan, Limits, plan_batch, unpacked
+from strata.tasks.data.commits import CommitRefusedError, GitStateError, check_git_state
+from strata.tasks.data.validate import BatchPlan, Limits, class_key, plan_batch, unpacked
 from strata.tasks.data.versioning import commit_paths, dvc_add, dvc_file, dvc_lock, dvc_push, git
 from strata.tasks.ledger.migrate import migrated_engine
 from strata.tasks.ledger.store import (
@@ -63,6 +64,7 @@ def ingest(
 ) -> IngestResult:
     """Validate ``source`` and make it the learner's next data version (or report the existing one)."""
     check_learner_name(learner)
+    check_git_state(settings.workspace)  # a detached HEAD or a merge in progress: refused before any write
     engine = migrated_engine(settings.ledger_url)
     try:
         with workspace_writes("ingest"), unpacked(source, limits) as root:
@@ -78,11 +80,12 @@ def ingest(
                     out = dvc_add(settings.workspace, target)
                     rev = commit_paths(
                         settings.workspace,
-                        [dvc_file(target), target.parent / ".gitignore"],
+                        [dvc_file(target)],
                         f"strata: ingest {plan.batch_id} for learner {learner}",
+                        lines={target.parent / ".gitignore": [_ignore_line(target)]},
                     )
                 except Exception as exc:
-                    if refused_write(exc) is not None:
+                    if refused_write(exc) is not None or isinstance(exc, (CommitRefusedError, GitStateError)):
                         _remove_uncommitted(settings.workspace, target)
                     raise
                 dvc_push(settings.workspace, target)
@@ -106,6 +109,14 @@ def _check_against_ledger(engine: Engine, plan: BatchPlan, learner: str) -> Inge
             raise IngestError(
                 f"learner {learner!r} already knows classes {clash}; a batch may only bring new "
                 f"classes (class-incremental)"
+            )
+        known = {class_key(name): name for name in (known_classes(session, row) if row else ())}
+        lookalikes = [(known[class_key(name)], name) for name in plan.classes if class_key(name) in known]
+        if lookalikes:
+            old, new = lookalikes[0]
+            raise IngestError(
+                f"the batch's class {ascii(new)} differs from class {ascii(old)}, which learner {learner!r} already "
+                f"knows, only by case, Unicode normalisation or surrounding spaces; give it a distinct name"
             )
     return None
 
@@ -135,21 +146,31 @@ def _copy(plan: BatchPlan, target: Path) -> None:
 
 
 def _remove_uncommitted(workspace: Path, target: Path) -> None:
-    """Take back a copy that ``dvc add`` could not finish on a full or read-only disk, unless a commit holds it.
+    """Take back a copy that could not be committed (full or read-only disk, a commit hook that refused it),
+    unless a commit holds it.
 
-    The copy, its half-written ``.dvc`` file and DVC's ``.gitignore`` line would leave ``git status``
-    dirty, and on a full disk the copy takes up the very space the user is asked to free; the batch's
-    source is still there to ingest again.
+    The copy, its ``.dvc`` file and DVC's ``.gitignore`` line would leave ``git status`` dirty and a
+    version half recorded, and on a full disk the copy takes up the very space the user is asked to
+    free; the batch's source is still there to ingest again. Only DVC's line leaves the ``.gitignore``:
+    the user's own edits of that file stay.
     """
     if git(workspace, "ls-files", "--", dvc_file(target).relative_to(workspace).as_posix()):
         return
     shutil.rmtree(target, ignore_errors=True)
     dvc_file(target).unlink(missing_ok=True)
-    gitignore = (target.parent / ".gitignore").relative_to(workspace).as_posix()
-    if git(workspace, "ls-files", "--", gitignore):
-        git(workspace, "checkout", "HEAD", "--", gitignore)
+    gitignore = target.parent / ".gitignore"
+    if not gitignore.is_file():
+        return
+    kept = [line for line in gitignore.read_text().splitlines() if line != _ignore_line(target)]
+    if kept or git(workspace, "ls-files", "--", gitignore.relative_to(workspace).as_posix()):
+        gitignore.write_text("".join(f"{line}\n" for line in kept))
     else:
-        (workspace / gitignore).unlink(missing_ok=True)
+        gitignore.unlink()
+
+
+def _ignore_line(target: Path) -> str:
+    """The line ``dvc add`` writes into the ``.gitignore`` next to ``target``."""
+    return f"/{target.name}"
 
 
 def _record(
@@ -172,7 +193,7 @@ def _record(
             md5=md5,
             hash_name=hash_name,
             git_rev=rev,
-            remote=settings.dvc_remote,
+            remote=settings.relative(settings.dvc_remote),  # relative inside the workspace: relocatable
         )
         session.add(version)
         session.flush()

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from strata.models.errors import UserError
+from strata.models.images import IMAGE_SUFFIXES, ImageError, inspect
 from strata.models.streams import LabelledDataset, LabelledImages
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class DatasetError(UserError, ValueError):
@@ -165,10 +163,10 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
 
 
 def _check_image(path: Path) -> None:
+    """The decoder's checks short of decoding (format, size, integrity): a bad file is named now, not in training."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        inspect(path)
+    except ImageError as exc:
         raise DatasetError(f"unreadable image {path}: {exc}; remove or replace it") from exc
 
 

@@ -2,13 +2,13 @@
 
 DVC refuses concurrent commands in one workspace ("Unable to acquire lock"), so every Strata DVC
 operation goes through ``dvc_lock``. A data version is the md5 (with its hash name) in the ``.dvc``
-file plus the git commit that holds that file.
+file plus the git commit that holds that file. The git side (``git``, ``commit_paths``) lives in
+``strata.tasks.data.commits`` and is importable from here as well.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,14 +20,12 @@ from dvc.logger import set_loggers_level  # importing dvc binds its log handlers
 from dvc.repo import Repo
 from filelock import FileLock
 
-from strata.models.errors import UnavailableError
+from strata.tasks.data.commits import VersioningError as VersioningError
+from strata.tasks.data.commits import commit_paths as commit_paths
+from strata.tasks.data.commits import git as git
 from strata.tasks.workspace.settings import STATE_DIR
 
 LOCK_TIMEOUT_S = 600
-
-
-class VersioningError(UnavailableError, RuntimeError):
-    """A git or DVC step failed; the message names the command and its output."""
 
 
 @dataclass(frozen=True)
@@ -93,26 +91,3 @@ def directory_md5(path: Path) -> str:
     if obj.hash_info.value is None:
         raise VersioningError(f"DVC computed no md5 for {path}")
     return obj.hash_info.value
-
-
-def git(workspace: Path, *args: str) -> str:
-    """Run git in the workspace; an author identity is supplied when the user has none configured."""
-    identity = [] if _has_identity(workspace) else ["-c", "user.name=Strata", "-c", "user.email=strata@localhost"]
-    result = subprocess.run(["git", *identity, *args], cwd=workspace, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise VersioningError(f"git {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
-    return result.stdout.strip()
-
-
-def _has_identity(workspace: Path) -> bool:
-    result = subprocess.run(["git", "config", "user.email"], cwd=workspace, capture_output=True, text=True)
-    return bool(result.stdout.strip())
-
-
-def commit_paths(workspace: Path, paths: list[Path], message: str) -> str:
-    """Commit exactly ``paths`` (other staged changes stay staged); returns the commit holding them."""
-    relative = [str(p.relative_to(workspace)) for p in paths]
-    git(workspace, "add", "--", *relative)
-    if git(workspace, "status", "--porcelain", "--", *relative):
-        git(workspace, "commit", "-q", "-m", message, "--", *relative)
-    return git(workspace, "log", "-1", "--format=%H", "--", relative[0])

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from strata.models.errors import UnavailableError, UserError
+from strata.tasks.export.layout import manifest_problem
 from strata.tasks.serving.sources import ModelRef, ModelSourceError
 from strata.tasks.tracking import runs
 from strata.tasks.workspace.settings import StrataSettings, redact_url
@@ -86,7 +87,7 @@ def log_onnx(client: MlflowClient, learner: str, version: str, model_path: Path,
 
 
 class RegistrySource:
-    """Serve what an alias (``champion``) points at; a version without an export is exported on first use.
+    """Serve what an alias (``champion``) points at; a version without a complete export is exported on first use.
 
     ``export(version) -> directory`` is given by the caller (the export flow), so this stays a plain
     lookup: alias → version → export directory under the workspace.
@@ -99,6 +100,7 @@ class RegistrySource:
     def current(self) -> ModelRef:
         client = runs.configure(self.settings)
         version = resolve_version(client, self.learner, None, self.alias)
-        if version not in self._exported:
-            self._exported[version] = self.export(version)
-        return ModelRef(version, self._exported[version])
+        folder = self._exported.get(version)
+        if folder is None or manifest_problem(folder) is not None:  # a folder deleted or damaged since: again
+            folder = self._exported[version] = self.export(version)
+        return ModelRef(version, folder)

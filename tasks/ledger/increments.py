@@ -133,6 +133,19 @@ def fail_interrupted_increments(session: Session, learner: Learner) -> list[int]
     return [row.task_index for row in rows]
 
 
+def attempt_run(engine: Engine, increment_id: int) -> str | None:
+    """The MLflow run the increment's latest attempt recorded before it wrote anything (None: no attempt did)."""
+    with ledger_session(engine) as session:
+        return session.get_one(Increment, increment_id).attempt_run_id
+
+
+def record_attempt(engine: Engine, increment_id: int, run_id: str) -> None:
+    """Record ``run_id`` as the run of the increment's attempt, committed before the attempt registers a version:
+    whatever that run made is then provably this attempt's, and only that is removed if the attempt dies."""
+    with ledger_session(engine) as session:
+        session.get_one(Increment, increment_id).attempt_run_id = run_id
+
+
 def fail_increment(engine: Engine, increment_id: int, error: str) -> None:
     with ledger_session(engine) as session:
         row = session.get_one(Increment, increment_id)

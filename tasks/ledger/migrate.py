@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -60,7 +60,14 @@ def head_revision() -> str | None:
 
 
 def current_revision(url: str) -> str | None:
-    """The revision the ledger at ``url`` is at; None for an empty (never migrated) database."""
+    """The revision the ledger at ``url`` is at; None for an empty (never migrated) or missing database.
+
+    A missing SQLite file stays missing: connecting would create an empty one, and an empty ledger where a
+    lost one was hides the loss from the checks that come after (``strata.tasks.workspace.identity``)."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() == "sqlite" and database not in (None, "", ":memory:"):
+        if not Path(database).exists():
+            return None
     engine = make_engine(url)
     try:
         with engine.connect() as connection:

@@ -133,8 +133,17 @@ class Increment(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(64))
+    attempt_run_id: Mapped[str | None] = mapped_column(String(64))  # the MLflow run this attempt recorded first
     started: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WorkspaceRow(Base):
+    """The id of the workspace that owns this ledger (one row): a copied or foreign ledger is told apart by it."""
+
+    __tablename__ = "workspace"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class LearnedClass(Base):

@@ -1,13 +1,13 @@
 """The HTTP server over one onnxruntime session: the FastAPI app factory and the model holder.
 
-``POST /predict`` takes PNG/JPEG files (multipart) or a JSON tensor ``{"pixels": [...]}`` and answers
-the top-k classes with probabilities; ``GET /model`` says what is served and on which execution
-provider; ``GET /health`` is the unauthenticated liveness probe. Concurrent requests are batched
-(:mod:`strata.tasks.serving.batcher`). The :class:`ModelHolder` polls a
-:class:`~strata.tasks.serving.sources.ModelSource` and,
-when the version moves, builds and warms the new session *before* swapping it in; a model that fails to
-load is logged and the old one keeps serving. With an API key every request but ``/health`` must carry
-it in ``X-API-Key``; the key never appears in logs or reprs.
+``POST /predict`` takes image files (multipart: the formats ingest accepts, decoded as in training) or a
+JSON tensor ``{"pixels": [...]}`` and answers the top-k classes with probabilities; ``GET /model`` says
+what is served and on which execution provider; ``GET /health`` is the unauthenticated liveness probe.
+Concurrent requests are batched (:mod:`strata.tasks.serving.batcher`). The :class:`ModelHolder` polls a
+:class:`~strata.tasks.serving.sources.ModelSource` and, when the version or the directory's content moves,
+builds and warms the new session *before* swapping it in; a model that fails to load is logged once per
+content and the old one keeps serving. With
+an API key every request but ``/health`` must carry it in ``X-API-Key``; the key never appears in logs or reprs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strata.models.errors import UserError
+from strata.models.images import MAX_PIXELS, accepted_formats
 from strata.tasks.serving.batcher import MicroBatcher
+from strata.tasks.serving.json_tensors import TensorSpec, tensor_from_json
 from strata.tasks.serving.loaded_model import LoadedModel, ModelLoadError, RequestError, load_model
-from strata.tasks.serving.sources import ModelSource
+from strata.tasks.serving.sources import ModelRef, ModelSource, content_stamp
 
 logger = logging.getLogger(__name__)
 API_KEY_HEADER = "X-API-Key"
@@ -49,7 +51,8 @@ class ServeConfig:
     max_wait_ms: float = 2.0
     max_images: int = 32
     max_upload_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000  # per decoded image: a decompression-bomb bound
+    max_pixels: int = MAX_PIXELS  # per decoded image: a decompression-bomb bound, checked from the header
+    max_request_pixels: int = 100_000_000  # all images of one request together, checked before decoding any
     api_key: str | None = field(default=None, repr=False)
 
 
@@ -71,38 +74,46 @@ def check_bind(host: str, api_key: str | None) -> None:
 class ModelHolder:
     """The model being served; ``model`` is replaced in one assignment, never mutated."""
 
-    def __init__(self, source: ModelSource, model: LoadedModel):
+    def __init__(self, source: ModelSource, model: LoadedModel, content: Content):
         self.source = source
         self.model = model
-        self._failed_version: str | None = None
+        self._served = content
+        self._failed: Content | None = None
         self._last_error: str | None = None
 
     @classmethod
     def load(cls, source: ModelSource) -> ModelHolder:
         try:
-            model = load_model(source.current())
+            ref = source.current()
+            content = _content(ref)
+            model = load_model(ref)
         except Exception as exc:
             raise ServeError(f"no servable model: {exc}") from exc
         logger.info("serving %s version %s on %s", model.meta.get("method"), model.ref.version, model.provider)
-        return cls(source, model)
+        return cls(source, model, content)
 
     def refresh(self) -> bool:
-        """Swap in the source's current model if its version moved; True when it did. Never raises."""
+        """Swap in the source's current model if its version or content moved; True when it did. Never raises.
+
+        A content that failed to load is logged once and not tried again; once the directory changes (fixed,
+        finished, re-published) it is tried at the next poll.
+        """
         try:
             ref = self.source.current()
+            content = _content(ref)
         except Exception as exc:
             self._log_once(f"model source unavailable, still serving {self.model.ref.version}: {exc}")
             return False
         self._last_error = None
-        if ref.version in (self.model.ref.version, self._failed_version):
+        if content in (self._served, self._failed):
             return False
         try:
             model = load_model(ref)
         except ModelLoadError as exc:
-            self._failed_version = ref.version
+            self._failed = content
             logger.error("version %s not loaded, still serving %s: %s", ref.version, self.model.ref.version, exc)
             return False
-        previous, self.model, self._failed_version = self.model.ref.version, model, None
+        previous, self.model, self._served, self._failed = self.model.ref.version, model, content, None
         logger.info(
             "reloaded: serving %s version %s (was %s) on %s",
             model.meta.get("method"),
@@ -121,6 +132,13 @@ class ModelHolder:
         if message != self._last_error:
             logger.warning(message)
             self._last_error = message
+
+
+Content = tuple[str, Path, str]  # version, directory, content_stamp: what one load attempt was made of
+
+
+def _content(ref: ModelRef) -> Content:
+    return ref.version, ref.directory, content_stamp(ref.directory)
 
 
 class RequestGuard:
@@ -220,7 +238,12 @@ def create_app(source: ModelSource, config: ServeConfig | None = None) -> FastAP
                 "batches": batcher.batches,
                 "requests": batcher.requests,
             },
-            "limits": {"max_images": config.max_images, "max_upload_bytes": config.max_upload_bytes},
+            "limits": {
+                "max_images": config.max_images,
+                "max_upload_bytes": config.max_upload_bytes,
+                "max_pixels": config.max_pixels,
+                "max_request_pixels": config.max_request_pixels,
+            },
         }
 
     @app.post("/predict")
@@ -256,17 +279,13 @@ async def _uploaded_images(request: Request, model: LoadedModel, config: ServeCo
             if isinstance(value, UploadFile)
         ]
     if not files:
-        raise RequestError(400, "no image files in the form: send PNG/JPEG files as multipart field 'files'")
+        raise RequestError(
+            400, f"no image files in the form: send image files ({accepted_formats()}) as multipart field 'files'"
+        )
     if len(files) > config.max_images:
         raise RequestError(413, f"more than {config.max_images} images in one request")
-    return await asyncio.to_thread(model.images, files, config.max_pixels)
+    return await asyncio.to_thread(model.images, files, config.max_pixels, config.max_request_pixels)
 
 
 def _json_tensor(body: bytes, model: LoadedModel) -> np.ndarray:
-    try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise RequestError(400, f"malformed JSON: {exc}") from exc
-    if not isinstance(payload, dict) or "pixels" not in payload:
-        raise RequestError(422, f'expected a JSON object {{"pixels": [...]}} of shape {model.expected_shape}')
-    return model.tensor(payload["pixels"])
+    return tensor_from_json(body, TensorSpec.of(model.meta, model.image_shape, model.dtype))

@@ -10,7 +10,6 @@ against ``labels.json``, so a broken or inconsistent export is refused before it
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -20,16 +19,16 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from strata.models.errors import UnavailableError
+from strata.models.images import ImageError, ImageTooLargeError, ImageUnreadableError, decode, read_header
 from strata.models.transforms import TransformConfig, test_transform
-from strata.tasks.export.layout import LABELS_FILE, META_FILE, MODEL_FILE
+from strata.tasks.export.layout import LABELS_FILE, MANIFEST_FILE, META_FILE, MODEL_FILE, manifest_problem
 from strata.tasks.serving.providers import create_session, preferred_providers
 from strata.tasks.serving.sources import ModelRef
 
 logger = logging.getLogger(__name__)
-IMAGE_FORMATS = ("PNG", "JPEG")
 PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -66,27 +65,25 @@ class LoadedModel:
     def expected_shape(self) -> str:
         return "(batch, " + ", ".join(map(str, self.image_shape)) + ")"
 
-    def images(self, files: Sequence[tuple[str, bytes]], max_pixels: int) -> np.ndarray:
-        """Decode PNG/JPEG uploads and apply the input pipeline → one batch."""
-        return np.stack([self.transform(decode_image(name, data, max_pixels)) for name, data in files])
+    def images(self, files: Sequence[tuple[str, bytes]], max_pixels: int, max_request_pixels: int) -> np.ndarray:
+        """Decode uploads (:func:`strata.models.images.decode`, as in training) and apply the input pipeline.
 
-    def tensor(self, pixels: object) -> np.ndarray:
-        """A JSON tensor → one batch, checked against the graph's input shape."""
-        try:
-            batch = np.asarray(pixels, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+        The headers are read first: a request whose images claim more than ``max_request_pixels`` together
+        is refused (413) before any of them is decoded.
+        """
+        claimed = 0
+        for name, data in files:
+            try:
+                claimed += read_header(data).pixels
+            except ImageError as exc:
+                raise _refusal(name, exc) from exc
+        if claimed > max_request_pixels:
             raise RequestError(
-                422, f"'pixels' must be a rectangular array of numbers of shape {self.expected_shape}: {exc}"
-            ) from exc
-        if batch.ndim != len(self.image_shape) + 1 or batch.shape[1:] != self.image_shape or len(batch) == 0:
-            raise RequestError(
-                422,
-                f"'pixels' has shape {batch.shape}; this model expects {self.expected_shape}"
-                f" ({self.meta['input'].get('layout', '')} {self.dtype.name})",
+                413,
+                f"the {len(files)} images hold {claimed} pixels together; the limit is {max_request_pixels} "
+                f"per request: send fewer or smaller images",
             )
-        if not np.isfinite(batch).all():
-            raise RequestError(422, "'pixels' must hold finite numbers")
-        return batch.astype(self.dtype)
+        return np.stack([self.transform(decode_image(name, data, max_pixels)) for name, data in files])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (B, classes): softmax of the logits, or the graph's own probabilities."""
@@ -105,23 +102,27 @@ class LoadedModel:
 
 
 def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → RGB image; RequestError 415 for anything that is not a decodable PNG/JPEG."""
+    """Bytes → upright RGB image by the one decoder; RequestError 413 over ``max_pixels``, else 415."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in IMAGE_FORMATS:
-            raise RequestError(415, f"{name!r} is {image.format}; send PNG or JPEG images")
-        if image.width * image.height > max_pixels:
-            raise RequestError(413, f"{name!r} has {image.width}×{image.height} pixels; the limit is {max_pixels}")
-        image.load()
-    except RequestError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise RequestError(415, f"{name!r} is not a readable PNG or JPEG image ({type(exc).__name__})") from exc
-    return image.convert("RGB")
+        return decode(data, max_pixels)
+    except ImageError as exc:
+        raise _refusal(name, exc) from exc
+
+
+def _refusal(name: str, exc: ImageError) -> RequestError:
+    if isinstance(exc, ImageUnreadableError):
+        return RequestError(415, f"{name!r} is not a readable image ({exc.detail})")
+    return RequestError(413 if isinstance(exc, ImageTooLargeError) else 415, f"{name!r}: {exc}")
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
-    """Build the session for ``ref`` and prove it runs; raises ModelLoadError otherwise."""
+    """Build the session for ``ref`` and prove it runs; raises ModelLoadError otherwise.
+
+    A published export (one with a manifest) must match its manifest file by file: a folder that is still
+    being written, or was damaged afterwards, is refused before onnxruntime reads it.
+    """
+    if (ref.directory / MANIFEST_FILE).is_file() and (problem := manifest_problem(ref.directory, hashes=True)):
+        raise ModelLoadError(f"cannot serve {ref.directory} (version {ref.version}): {problem}; export it again")
     try:
         meta = json.loads((ref.directory / META_FILE).read_text())
         names = json.loads((ref.directory / LABELS_FILE).read_text())

@@ -2,8 +2,8 @@
 
 A source answers one question, ``current()``: which version should be served now, and in which
 directory its export lies (``model.onnx`` + ``labels.json`` + ``model.json`` as written by
-:func:`strata.tasks.export.onnx_graph.export_method`). The server reloads when the version string changes, so a
-version must change whenever the directory's content does, and stay put otherwise. ``current()`` is
+:func:`strata.tasks.export.onnx_graph.export_method`). The server reloads when the version string or the
+directory's content (``content_stamp``) changes, and tries a content that failed to load only once. ``current()`` is
 called every few seconds from a worker thread: keep it cheap, and raise (the server logs it and keeps
 serving) when the answer is unknown. Other sources — e.g. an MLflow alias such as ``champion`` resolved
 to an exported directory — implement the same one method.
@@ -35,6 +35,19 @@ class ModelRef:
 
     version: str
     directory: Path
+
+
+def content_stamp(directory: Path) -> str:
+    """What the directory holds now, as 12 hex digits of sha256 over its files' names, sizes and mtimes.
+
+    Any write, fix or re-publication (a new folder renamed into place) changes it, so the server can tell
+    "this exact content failed to load" from "this directory was fixed" without reading a large graph.
+    """
+    try:
+        entries = sorted((p.name, s.st_size, s.st_mtime_ns) for p in directory.iterdir() for s in [p.stat()])
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read {directory}: {exc}") from exc
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:VERSION_CHARS]
 
 
 class ModelSource(Protocol):

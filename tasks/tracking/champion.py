@@ -79,13 +79,27 @@ def promote(
 
 
 def rollback(learner: str, workspace: Path | None = None) -> str:
-    """Move ``champion`` back to the version it pointed at before its last move; returns that version."""
+    """Move ``champion`` to the champion before the current one, skipping those already rolled back from, so
+    rolling back again keeps walking back instead of swapping the last two; returns that version."""
     settings = workspace_settings(workspace)
     with ledger(settings.ledger_url) as session:
         row = find_learner(session, learner)
         moves = promotions(session, row) if row is not None else []
-    if not moves or moves[-1].previous_version is None:
-        raise LedgerError(f"learner {learner!r} has no earlier champion to roll back to")
-    target = moves[-1].previous_version
-    promote(learner, target, workspace, actor="rollback", reason=f"rolled back from v{moves[-1].model_version}")
+    standing = champion_stack(moves)
+    if len(standing) < 2:
+        raise LedgerError(f"learner {learner!r} has no earlier champion to roll back to; see `strata status`")
+    current, target = standing[-1], standing[-2]
+    promote(learner, target, workspace, actor="rollback", reason=f"rolled back from v{current}")
     return target
+
+
+def champion_stack(moves: list[Promotion]) -> list[str]:
+    """The champions still standing, oldest first, the current one last: every move of the alias pushes its
+    version, a rollback takes the version it left off the top (it is never rolled back to again)."""
+    stack = [moves[0].previous_version] if moves and moves[0].previous_version else []
+    for move in moves:
+        if move.actor == "rollback" and stack:
+            stack.pop()
+        if not stack or stack[-1] != move.model_version:
+            stack.append(move.model_version)
+    return stack

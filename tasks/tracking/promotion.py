@@ -42,7 +42,7 @@ class CandidateFigures(BaseModel):
 class ChampionFigures(BaseModel):
     """The current champion: the ``champion`` alias's version (None: no alias yet) and, when the ledger
     recorded that version, the task it was registered at and its A_t then (else the gate has nothing
-    to compare with, and the version is only what the promotion record names as the previous one)."""
+    to compare with and does not promote over it: the ledger was lost or replaced, see ``strata doctor``)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -72,8 +72,14 @@ def decide(config: GateConfig, candidate: CandidateFigures, champion: ChampionFi
         reasons.append(f"A_t {accuracy:.4f} is below the floor {config.accuracy_floor:.4f}")
     else:
         reasons.append(f"A_t {accuracy:.4f} reaches the floor {config.accuracy_floor:.4f}")
-    if champion.version is None or champion.task_index is None or champion.accuracy is None:
+    if champion.version is None:
         reasons.append("no champion yet")
+    elif champion.task_index is None or champion.accuracy is None:
+        promote = False  # a lost or replaced ledger: the gate must not move a champion it cannot compare with
+        reasons.append(
+            f"champion v{champion.version} is not recorded in the ledger, so the gate cannot compare with it and "
+            "leaves it in place; see `strata doctor`"
+        )
     else:
         covered = champion.task_index + 1
         on_champion_classes = weighted(candidate.row[:covered], candidate.test_sizes[:covered])
@@ -116,18 +122,15 @@ def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str
         raise ValueError(f"registered model {name} has no version {version}") from exc
 
 
-def remove_unrecorded_versions(client: MlflowClient, name: str, task_index: int, keep: set[str]) -> list[str]:
-    """Delete versions of ``task_index`` left by a crashed attempt (registered, never recorded in the
-    ledger), so that one increment never owns two registered versions."""
+def remove_attempt_versions(client: MlflowClient, name: str, run_id: str, keep: set[str]) -> list[str]:
+    """Delete the versions of ``name`` that run ``run_id`` registered, but none in ``keep`` (the ledger's): the
+    run is a dead attempt's, recorded in the ledger before it registered, so these versions are provably its.
+    A version no attempt recorded is never deleted here, whatever its tags say (``strata doctor`` reports it)."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []
-    stale = [
-        str(v.version)
-        for v in versions
-        if v.tags.get("strata.task_index") == str(task_index) and str(v.version) not in keep
-    ]
+    stale = [str(v.version) for v in versions if v.run_id == run_id and str(v.version) not in keep]
     for version in stale:
         client.delete_model_version(name, version)
     return stale

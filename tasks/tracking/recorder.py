@@ -7,7 +7,10 @@ recovery relies on:
 
 Whatever raises before the ledger's commit marks the increment ``failed`` and leaves the learner's last good
 state and ``champion`` as they were; a version that an attempt registered but the ledger never recorded is
-deleted by the next attempt before it registers its own, so that an increment owns one version. The learn flow
+deleted by the next attempt before it registers its own, so that an increment owns one version. Only what is
+provably that attempt's is deleted: each attempt commits its child run's id to the ledger
+(``increments.attempt_run_id``) before it registers anything, and the next attempt deletes the versions of that
+run alone; a version no attempt recorded (a lost ledger's, another workspace's) is never touched. The learn flow
 and the concurrent-writers benchmark record through here alike.
 """
 
@@ -20,14 +23,17 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import mlflow
+from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
 from strata.tasks.ledger.increments import (
     ChampionMove,
     LearnedTask,
     SucceededIncrement,
+    attempt_run,
     fail_increment,
     finish_increment,
+    record_attempt,
     record_promotion,
     start_increment,
 )
@@ -86,7 +92,7 @@ class IncrementRecord(BaseModel):
         )
 
     def recorded_versions(self) -> set[str]:
-        """The registered versions the ledger knows of; any other of this task is an interrupted attempt's."""
+        """The registered versions the ledger knows of: never deleted, even if a dead attempt's run made one."""
         return {t.model_version for t in self.history if t.model_version}
 
 
@@ -156,11 +162,11 @@ class IncrementRecorder:
         increment_id = start_increment(db, self.scope.learner_id, task_index, data_version_id)
         try:
             record = learn()
-            recorded = self.run_step(TRACK, self.track, record)
+            recorded = self.run_step(TRACK, self.track, record, increment_id)
             done = SucceededIncrement(
                 class_names=record.new_classes,
                 first_class_id=record.first_class_id,
-                checkpoint_uri=str(record.model.state_dir),
+                checkpoint_uri=self.settings.relative(record.model.state_dir),  # resolved at use: relocatable
                 metrics=record.metrics().model_dump(),
                 run_id=recorded.run_id,
                 model_version=recorded.version,
@@ -174,10 +180,10 @@ class IncrementRecorder:
         self.run_step(MOVE_ALIASES, self.move_aliases, recorded.version, record.decision)
         return recorded
 
-    def track(self, record: IncrementRecord) -> RecordedIncrement:
-        """The child run, then one registered version of it, then the parent run's curve."""
+    def track(self, record: IncrementRecord, increment_id: int) -> RecordedIncrement:
+        """The child run, recorded in the ledger as this attempt's (after removing what the previous attempt's run
+        registered), then one registered version of it, then the parent run's curve."""
         client = runs.configure(self.settings)
-        name = runs.model_name(self.scope.learner)
         figures = record.figures.at(record.task_index)
         log = runs.IncrementLog(
             params=record.params,
@@ -197,19 +203,36 @@ class IncrementRecorder:
             nested=True,
             run_name=f"task {record.task_index} ({record.data.name})",
         ) as child:
+            self._take_over_attempt(client, increment_id, child.info.run_id, record)
             runs.log_increment(log)
             mlflow.log_dict(record.decision.model_dump(include={"promote", "reasons"}), "gate.json")
-            stale = promotion.remove_unrecorded_versions(client, name, record.task_index, record.recorded_versions())
-            if stale:
-                logger.warning(
-                    "removed versions %s of %s left by an interrupted attempt at task %d",
-                    stale,
-                    name,
-                    record.task_index,
-                )
             version = self.register(self.scope.learner, record.model, self._version_tags(record))
         runs.log_parent_metrics(client, self.scope.parent_run_id, figures)
         return RecordedIncrement(record=record, run_id=child.info.run_id, version=version)
+
+    def _take_over_attempt(self, client: MlflowClient, increment_id: int, run_id: str, record: IncrementRecord) -> None:
+        """Delete the versions the previous attempt's recorded run registered, then record ``run_id`` as this
+        attempt's, in that order: a death between the two leaves the previous run recorded, still to clean."""
+        name = runs.model_name(self.scope.learner)
+        db = migrated_engine(self.settings.ledger_url)
+        try:
+            previous = attempt_run(db, increment_id)
+            stale = (
+                promotion.remove_attempt_versions(client, name, previous, record.recorded_versions())
+                if previous
+                else []
+            )
+            if stale:
+                logger.warning(
+                    "removed versions %s of %s that run %s of an interrupted attempt at task %d registered",
+                    stale,
+                    name,
+                    previous,
+                    record.task_index,
+                )
+            record_attempt(db, increment_id, run_id)
+        finally:
+            db.dispose()
 
     def move_aliases(self, version: str, decision: promotion.GateDecision) -> None:
         """``candidate`` always; ``champion`` only when the gate passed (recorded in the ledger)."""

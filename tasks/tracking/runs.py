@@ -17,7 +17,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -25,12 +24,18 @@ from mlflow.models import infer_signature
 from pydantic import BaseModel, ConfigDict
 
 from strata.tasks.tracking.figures import IncrementFigures
+from strata.tasks.workspace.identity import (
+    ID_TAG,
+    LEARNER_TAG,
+    SERVER_SCHEMES,
+    open_mlflow_store,
+    open_workspace,
+    store_lock,
+)
 from strata.tasks.workspace.settings import StrataSettings, redact_url
 
 DISTRIBUTION = "strata-cil"  # the PyPI name (plain "strata" is an unrelated project there)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-SERVER_SCHEMES = ("http://", "https://", "databricks")  # stores behind a tracking server
-STORE_LOCK_TIMEOUT_S = 600  # creating a store runs MLflow's whole migration history: seconds, on a busy disk more
 
 
 def model_name(learner: str) -> str:
@@ -53,7 +58,11 @@ def configure(settings: StrataSettings) -> MlflowClient:
     violation on PostgreSQL), and the first ``learn`` runs of a new workspace do start together. So the
     client, which opens the store, is made under a lock in the workspace's state folder: one process
     creates the store, the others wait and find it ready. A tracking server guards its own store.
+
+    Before that, the store is checked to be this workspace's and intact (``identity.open_mlflow_store``):
+    MLflow would silently start an empty store over a lost or 0-byte one.
     """
+    open_mlflow_store(settings)
     uri = settings.mlflow_tracking_uri
     if redact_url(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -61,19 +70,21 @@ def configure(settings: StrataSettings) -> MlflowClient:
     mlflow.set_registry_uri(uri)
     if uri.startswith(SERVER_SCHEMES):
         return MlflowClient(uri, uri)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(settings.state_dir / "mlflow-store.lock", timeout=STORE_LOCK_TIMEOUT_S):
+    with store_lock(settings):
         return MlflowClient(uri, uri)
 
 
 def experiment_id(client: MlflowClient, settings: StrataSettings, learner: str) -> str:
+    """The learner's experiment, created on first use with the workspace's id and its artifact root under the
+    workspace as it is now (``identity`` rewrites it when the workspace moves or is copied)."""
     name = experiment_name(learner)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     local_store = not settings.mlflow_tracking_uri.startswith(SERVER_SCHEMES)
     location = Path(settings.mlflow_artifacts).resolve().as_uri() if local_store else None
-    return client.create_experiment(name, artifact_location=location, tags={"strata.learner": learner})
+    tags = {LEARNER_TAG: learner, ID_TAG: open_workspace(settings).id}
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 @contextmanager

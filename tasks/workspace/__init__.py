@@ -1,1 +1,2 @@
-"""Workspaces: settings, ``strata init``, and writes the file system refuses."""
+"""Workspaces: settings, ``strata init``, the identity that tells a workspace's stores apart, and writes the file system
+refuses."""

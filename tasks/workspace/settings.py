@@ -2,7 +2,13 @@
 
 Sources, highest first: keyword arguments, ``STRATA_*`` environment variables, ``strata.toml`` in
 the workspace root, then embedded defaults under ``<workspace>/.strata``. Store URIs left empty
-resolve to those embedded defaults (SQLite ledger and MLflow store, local DVC remote).
+resolve to those embedded defaults (SQLite ledger and MLflow store, local DVC remote); a relative local
+path (``sqlite:///.strata/other.db``, ``mlflow_artifacts = "artifacts"``) is relative to the workspace
+root, not to the current directory, so the settings follow the workspace when it moves.
+
+What Strata stores (ledger rows) holds paths inside the workspace relative to its root
+(``StrataSettings.relative``) and resolves them at use (``StrataSettings.resolve``): a moved or copied
+workspace reads its own files, never the original's.
 """
 
 from __future__ import annotations
@@ -52,15 +58,41 @@ class StrataSettings(BaseSettings):
     def _embedded_defaults(self) -> StrataSettings:
         self.workspace = self.workspace.resolve()
         state = self.workspace / STATE_DIR
-        self.ledger_url = self.ledger_url or f"sqlite:///{state / 'strata.db'}"
-        self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{state / 'mlflow.db'}"
-        self.mlflow_artifacts = self.mlflow_artifacts or str(state / "mlartifacts")
-        self.dvc_remote = self.dvc_remote or str(state / "dvc-remote")
+        self.ledger_url = self._anchored_sqlite(self.ledger_url) or f"sqlite:///{state / 'strata.db'}"
+        self.mlflow_tracking_uri = self._anchored_sqlite(self.mlflow_tracking_uri) or f"sqlite:///{state / 'mlflow.db'}"
+        self.mlflow_artifacts = self._anchored_path(self.mlflow_artifacts) or str(state / "mlartifacts")
+        self.dvc_remote = self._anchored_path(self.dvc_remote) or str(state / "dvc-remote")
         return self
+
+    def _anchored_path(self, value: str) -> str:
+        """A local relative path as an absolute one under the workspace; URLs and absolute paths as given."""
+        if not value or "://" in value or Path(value).is_absolute():
+            return value
+        return str(self.workspace / value)
+
+    def _anchored_sqlite(self, url: str) -> str:
+        """``sqlite:///relative.db`` under the workspace (SQLAlchemy would open it relative to the cwd)."""
+        prefix = "sqlite:///"
+        if not url.startswith(prefix) or url[len(prefix) :].startswith(("/", ":memory:")) or url == prefix:
+            return url
+        return prefix + str(self.workspace / url[len(prefix) :])
 
     @property
     def state_dir(self) -> Path:
         return self.workspace / STATE_DIR
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` as Strata stores it: relative to the workspace root when inside it (``.strata/…``),
+        else as given (another disk, a URL): nothing stored then names the folder the workspace lives in."""
+        text = str(path)
+        if "://" in text or not Path(text).is_absolute():
+            return text
+        absolute = Path(os.path.normpath(text))
+        return absolute.relative_to(self.workspace).as_posix() if absolute.is_relative_to(self.workspace) else text
+
+    def resolve(self, stored: str) -> Path:
+        """A stored path at use: a relative one under this workspace's root (where it is now); absolute as is."""
+        return self.workspace / stored
 
 
 def load_settings(workspace: str | Path | None = None, **overrides) -> StrataSettings:

@@ -1,7 +1,8 @@
 """Workspaces: a git + DVC repository with ``strata.toml``, a migrated ledger and the embedded stores.
 
 ``init_workspace`` is idempotent: each step checks before it acts and reports only what it changed,
-so running it twice changes nothing and says so.
+so running it twice changes nothing and says so. It ends by giving a new workspace its id
+(``strata.tasks.workspace.identity``), and refuses to start an empty ledger where a lost one left MLflow runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dvc.repo import Repo
 
 from strata.tasks.data.versioning import commit_paths, dvc_repo, git
 from strata.tasks.ledger import migrate
+from strata.tasks.workspace import identity
 from strata.tasks.workspace.settings import SETTINGS_FILE, STATE_DIR, StrataSettings, load_settings
 
 REMOTE_NAME = "strata"
@@ -70,8 +72,11 @@ def init_workspace(directory: Path, remote: str | None = None) -> list[str]:
         files = [directory / p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", SETTINGS_FILE)]
         commit_paths(directory, [p for p in files if p.exists()], "strata: initialise the workspace")
     if migrate.current_revision(settings.ledger_url) != migrate.head_revision():
+        identity.refuse_a_lost_ledger(settings)  # an empty ledger would disown the runs a lost one recorded
         migrate.upgrade(settings.ledger_url)
         changes.append(f"migrated the ledger to {migrate.head_revision()}")
+    if identity.open_workspace(settings).change:
+        changes.append("recorded where the workspace is now (it was moved or copied)")
     return changes
 
 
