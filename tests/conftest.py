@@ -60,25 +60,29 @@ def digit_batches(tmp_path_factory):
     return write_digit_batches(tmp_path_factory.mktemp("incoming"))
 
 
-@pytest.fixture(scope="session")
-def learned_digits(tmp_path_factory, digit_batches, prefect_server) -> Path:
-    """A workspace whose learner ``digits`` ingested the first two digit batches and learned both through the
-    learn flow (v1, v2; champion v2 under a gate that passes anything), made once per session. Tests work on a
-    copy of it (a copy becomes a workspace of its own on first use) and never change it."""
+def learn_digit_batches(root: Path, batches: list[Path]) -> Path:
+    """A new workspace at ``root`` whose learner ``digits`` ingested ``batches`` and learned them all through the
+    learn flow, every increment promoted (a gate that passes anything)."""
     from strata.flows.learn import LearnParams, learn
     from strata.tasks.data.ingest import ingest
     from strata.tasks.tracking.promotion import GateConfig
     from strata.tasks.workspace.settings import load_settings
     from strata.tasks.workspace.setup import init_workspace
 
-    root = tmp_path_factory.mktemp("learned-digits") / "ws"
     init_workspace(root)
     settings = load_settings(root)
-    for batch in digit_batches[:2]:
+    for batch in batches:
         ingest(settings, batch, "digits")
     lenient = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
     learn(LearnParams(learner="digits", workspace=str(root), show_progress=False, gate=lenient))
     return root
+
+
+@pytest.fixture(scope="session")
+def learned_digits(tmp_path_factory, digit_batches, prefect_server) -> Path:
+    """The first two digit batches learned (v1, v2; champion v2), made once per session. Tests work on a copy of
+    it (a copy becomes a workspace of its own on first use) and never change it."""
+    return learn_digit_batches(tmp_path_factory.mktemp("learned-digits") / "ws", digit_batches[:2])
 
 
 def cp_a(source: Path, target: Path):

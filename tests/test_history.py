@@ -14,15 +14,13 @@ from typer.testing import CliRunner
 
 from strata.cli.app import app
 from strata.flows import learn as learn_flow
-from strata.flows.learn import LearnParams, learn
 from strata.models.errors import UnavailableError
 from strata.tasks.data.ingest import ingest
 from strata.tasks.doctor.checks import diagnose
 from strata.tasks.ledger.store import find_learner, ledger_session, make_engine
 from strata.tasks.serving.app import ModelHolder
-from strata.tasks.tracking.promotion import GateConfig
 from strata.tasks.workspace.settings import load_settings
-from strata.tasks.workspace.setup import init_workspace
+from tests.conftest import learn_digit_batches
 from tests.test_ingest import image_tree
 
 runner = CliRunner()
@@ -31,14 +29,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory, prefect_server, digit_batches):
     """Learner ``digits`` after three batches, every one promoted: versions 1, 2, 3, champion 3."""
-    workspace = tmp_path_factory.mktemp("history") / "ws"
-    init_workspace(workspace)
-    settings = load_settings(workspace)
-    for batch in digit_batches[:3]:
-        ingest(settings, batch, "digits")
-    gate = GateConfig(old_accuracy_budget=1.0, accuracy_floor=0.0)
-    learn(LearnParams(learner="digits", workspace=str(workspace), gate=gate, show_progress=False))
-    return settings
+    return load_settings(learn_digit_batches(tmp_path_factory.mktemp("history") / "ws", digit_batches[:3]))
 
 
 def _champion(settings) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from strata.models.methods.base import STATE_META
@@ -91,18 +90,10 @@ def check(settings: StrataSettings) -> tuple[list[Finding], Checked]:
     return findings, count
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for another database, or an in-memory one)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    return Path(parsed.database)
-
-
 def _ledger_findings(settings: StrataSettings) -> list[Finding]:
     """The ledger must be there, non-empty and at the head revision. Checked without opening a missing SQLite
     file: opening it would create the empty store this looks for."""
-    ledger = sqlite_file(settings.ledger_url)
+    ledger = identity.sqlite_file(settings.ledger_url)
     if ledger is not None and (not ledger.is_file() or ledger.stat().st_size == 0):
         state = "is missing" if not ledger.is_file() else "is empty (0 bytes)"
         fix = f"{REPAIR} to rebuild it from git, DVC and MLflow (never `strata init`: it would start a new ledger)"
@@ -116,13 +107,13 @@ def _ledger_findings(settings: StrataSettings) -> list[Finding]:
 
 
 def _mlflow_store_exists(settings: StrataSettings) -> bool:
-    file = sqlite_file(settings.mlflow_tracking_uri)
+    file = identity.sqlite_file(settings.mlflow_tracking_uri)
     return file is None or file.is_file()
 
 
 def _mlflow_store_lost(settings: StrataSettings, learned: bool) -> Finding | None:
     """An empty SQLite MLflow store, or a missing one when the ledger recorded increments in it."""
-    file = sqlite_file(settings.mlflow_tracking_uri)
+    file = identity.sqlite_file(settings.mlflow_tracking_uri)
     if file is None or (file.is_file() and file.stat().st_size > 0) or (not file.is_file() and not learned):
         return None
     state = "is missing" if not file.is_file() else "is empty (0 bytes)"

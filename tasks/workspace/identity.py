@@ -246,7 +246,7 @@ def _separate_copy(
     the id: the two folders are then one workspace to it.
     """
     root, original = settings.workspace, recorded.root
-    ledger_owned = _inside(settings, _sqlite_file(settings.ledger_url))
+    ledger_owned = _inside(settings, sqlite_file(settings.ledger_url))
     new_id = str(uuid.uuid4()) if ledger_owned else recorded.id
     if not ledger_owned:
         logger.warning(
@@ -357,7 +357,7 @@ def _owned_tags_are(store: _MlflowStore, workspace_id: str) -> bool:
 
 def _read_ledger(settings: StrataSettings) -> _Ledger:
     url = settings.ledger_url
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     ledger = _Ledger(where=_shown(settings, path, url))
     if path is not None and (missing := _sqlite_missing(path)):
         ledger.missing = missing
@@ -384,12 +384,8 @@ def _read_ledger(settings: StrataSettings) -> _Ledger:
                     or 0
                 )
     except DBAPIError as exc:
-        if path is None and _unreachable(exc):
-            raise LedgerUnavailableError(
-                f"cannot reach the ledger database ({ledger.where}): {_reason(exc)}; start it or fix ledger_url in "
-                "strata.toml (STRATA_LEDGER_URL)"
-            ) from exc
-        raise _unreadable("the ledger", ledger.where, exc) from exc
+        names = ("the ledger database", "the ledger")
+        raise _failure(exc, path, names, ledger.where, "ledger_url", LedgerUnavailableError) from exc
     finally:
         engine.dispose()
     return ledger
@@ -432,7 +428,7 @@ def _read_mlflow(settings: StrataSettings) -> _MlflowStore:
         return _MlflowStore(where=redact_url(uri), kind="server")
     if "://" not in uri or uri.startswith("file:"):
         return _MlflowStore(where=uri, kind="other")  # MLflow's deprecated file store: nothing to check here
-    path = _sqlite_file(uri)
+    path = sqlite_file(uri)
     store = _MlflowStore(where=_shown(settings, path, uri), kind="sql", owned=_inside(settings, path))
     if path is not None and (missing := _sqlite_missing(path)):
         store.missing = missing
@@ -461,12 +457,8 @@ def _read_mlflow(settings: StrataSettings) -> _MlflowStore:
                     {"learner": LEARNER_TAG},
                 )
     except DBAPIError as exc:
-        if path is None and _unreachable(exc):
-            raise StoreUnavailableError(
-                f"cannot reach the MLflow store ({store.where}): {_reason(exc)}; start it or fix mlflow_tracking_uri "
-                "in strata.toml (STRATA_MLFLOW_TRACKING_URI)"
-            ) from exc
-        raise _unreadable("the MLflow store", store.where, exc) from exc
+        names = ("the MLflow store", "the MLflow store")
+        raise _failure(exc, path, names, store.where, "mlflow_tracking_uri", StoreUnavailableError) from exc
     finally:
         engine.dispose()
     return store
@@ -513,7 +505,7 @@ def _holds_workspace(root: Path, workspace_id: str, here: Path) -> bool:
 # --- files and names ----------------------------------------------------------------------------------------
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The database file of an SQLite URL; None for any other database (or an in-memory one)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
@@ -555,6 +547,24 @@ def _reason(exc: DBAPIError) -> str:
 def _unreachable(exc: DBAPIError) -> bool:
     """A database server that did not answer (refused, timed out, gone), as opposed to one that answered."""
     return type(exc.orig).__name__ == "OperationalError" or exc.connection_invalidated
+
+
+def _failure(
+    exc: DBAPIError,
+    path: Path | None,
+    names: tuple[str, str],
+    where: str,
+    setting: str,
+    unavailable: type[UnavailableError],
+) -> Exception:
+    """A database server that did not answer (exit 3, ``names[0]``), or a store that answered but cannot be read
+    (exit 2, ``names[1]``); ``setting`` is the strata.toml key that points at it."""
+    if path is None and _unreachable(exc):
+        return unavailable(
+            f"cannot reach {names[0]} ({where}): {_reason(exc)}; start it or fix {setting} in strata.toml "
+            f"(STRATA_{setting.upper()})"
+        )
+    return _unreadable(names[1], where, exc)
 
 
 def _unreadable(what: str, where: str, exc: DBAPIError) -> StoreError:
